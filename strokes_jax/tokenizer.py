@@ -1,0 +1,197 @@
+"""Tokenizers: an HF `tokenizers` word-level vocabulary for the shapes world (plus special
+tokens), and the episode tokenizer that lays an Episode out as the model's interleaved
+sequence.
+
+Sequence layout of one episode (our choice, see DESIGN.md):
+
+  <|im_start|> prompt <|im_end|>                                  PROMPT
+  <|im_start|> <ins> .. </ins> <des> .. </des> <|im_end|>          PLAN
+  [noisy latents]  <|vision_start|> [clean latents] <|vision_end|>  SKETCH
+  <|im_start|> <inspect> .. </inspect> [<refine> .. </refine>] <|im_end|>  INSPECT / REFINE
+  [noisy] <|vision_start|> [clean] <|vision_end|>                   REFINE (when refined)
+  ... ; <|endofepisode|>                                           PLAN (the stop decision)
+
+Noisy latents carry the flow loss and are hidden from every later token; the clean copy,
+with its markers, is what later tokens see. A text token's CE target is the next token of
+the sequence with noisy segments removed, so `<|im_end|>` learns to predict
+`<|vision_start|>` (the modality switch) and `<|vision_end|>` predicts what follows the image.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Sequence
+
+import numpy as np
+import tokenizers
+from tokenizers import models, pre_tokenizers
+
+from strokes_jax import episode as ep
+
+PAD, UNK = "<pad>", "<unk>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
+END_OF_EPISODE = "<|endofepisode|>"
+TAGS = ("<ins>", "</ins>", "<des>", "</des>", "<inspect>", "</inspect>", "<refine>", "</refine>")
+SPECIALS = (PAD, UNK, IM_START, IM_END, VISION_START, VISION_END, END_OF_EPISODE) + TAGS
+
+# Token types (expert routing: latents go to the generation expert, the rest to understanding).
+TEXT, NOISY, CLEAN = 0, 1, 2
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+class Tokenizer:
+    """Thin wrapper over an HF `tokenizers.Tokenizer` that refuses unknown words."""
+
+    def __init__(self, tok: tokenizers.Tokenizer):
+        self.tok = tok
+        vocab = tok.get_vocab()
+        missing = [s for s in SPECIALS if s not in vocab]
+        if missing:
+            raise TokenizerError(f"tokenizer lacks special tokens {missing}")
+        self.pad_id, self.unk_id = vocab[PAD], vocab[UNK]
+        self.im_start, self.im_end = vocab[IM_START], vocab[IM_END]
+        self.vision_start, self.vision_end = vocab[VISION_START], vocab[VISION_END]
+        self.end_of_episode = vocab[END_OF_EPISODE]
+        self.ids = {t: vocab[t] for t in TAGS}
+        self.vocab_size = tok.get_vocab_size()
+
+    @classmethod
+    def for_words(cls, words: Sequence[str]) -> "Tokenizer":
+        vocab = {w: i for i, w in enumerate(list(SPECIALS) + sorted(set(words) - set(SPECIALS)))}
+        tok = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+        tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        tok.add_special_tokens(list(SPECIALS))
+        return cls(tok)
+
+    @classmethod
+    def shapes(cls) -> "Tokenizer":
+        from strokes_jax.worlds import grammar
+        return cls.for_words(grammar.vocabulary())
+
+    @classmethod
+    def from_file(cls, path: str) -> "Tokenizer":
+        return cls(tokenizers.Tokenizer.from_file(os.fspath(path)))
+
+    def save(self, path: str) -> None:
+        self.tok.save(os.fspath(path))
+
+    def encode(self, text: str, record: str = "?") -> list[int]:
+        enc = self.tok.encode(text, add_special_tokens=False)
+        bad = [t for t, i in zip(enc.tokens, enc.ids) if i == self.unk_id]
+        if bad:
+            raise TokenizerError(f"record {record}: unknown token(s) {bad} in {text!r}")
+        return list(enc.ids)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def fingerprint(self) -> str:
+        return json.dumps(self.tok.get_vocab(), sort_keys=True)
+
+
+def patchify(img: np.ndarray, patch: int) -> np.ndarray:
+    """uint8 [H, W, C] -> [H/p * W/p, p*p*C], patches row-major, (row, col, channel) inside."""
+    h, w, c = img.shape
+    if h % patch or w % patch:
+        raise ValueError(f"image {h}x{w} is not divisible by patch size {patch}")
+    x = img.reshape(h // patch, patch, w // patch, patch, c).transpose(0, 2, 1, 3, 4)
+    return x.reshape((h // patch) * (w // patch), patch * patch * c)
+
+
+def unpatchify(tokens: np.ndarray, hw: tuple[int, int], patch: int, channels: int = 3) -> np.ndarray:
+    h, w = hw
+    x = tokens.reshape(h // patch, w // patch, patch, patch, channels).transpose(0, 2, 1, 3, 4)
+    return x.reshape(h, w, channels)
+
+
+FIELDS = ("tokens", "types", "stages", "targets", "target_stages", "positions", "blocks",
+          "patch_pos")
+
+
+class EpisodeTokenizer:
+    """Episode -> per-token numpy arrays (see module doc), one entry per sequence position:
+
+    tokens (text id, pad for latents), types (TEXT/NOISY/CLEAN), stages, targets (next clean
+    text token, 0 = no CE target), target_stages, positions (RoPE: text advances per token,
+    an image with its markers and both copies holds one position), blocks (bidirectional
+    group: 0 for text, 1.. for each image copy), patch_pos (index into the 2-D table),
+    patches (uint8 [n, patch_dim]).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, image_shape: tuple[int, int, int], patch: int):
+        self.tok = tokenizer
+        self.image_shape = tuple(image_shape)
+        self.patch = patch
+        h, w, c = self.image_shape
+        self.num_patches = (h // patch) * (w // patch)
+        self.patch_dim = patch * patch * c
+
+    def image_tokens(self) -> int:
+        """Sequence positions one image takes: noisy copy + markers + clean copy."""
+        return 2 * self.num_patches + 2
+
+    def text_ids(self, stage: int, text: str, record: str) -> tuple[list[int], list[int]]:
+        """Ids and per-token stages of <|im_start|> text <|im_end|>; <refine> spans are REFINE."""
+        ids = [self.tok.im_start] + self.tok.encode(text, record) + [self.tok.im_end]
+        stages, cur = [], stage
+        for i in ids:
+            if i == self.tok.ids["<refine>"]:
+                cur = ep.REFINE
+            stages.append(cur)
+        return ids, stages
+
+    def __call__(self, episode: ep.Episode) -> dict[str, np.ndarray]:
+        episode.validate(self.image_shape)
+        rec = f"episode {episode.id!r}"
+        cols = {k: [] for k in FIELDS}
+        patches: list[np.ndarray] = []
+        zero_patch = np.zeros((self.patch_dim,), np.uint8)
+        pos, block = 0, 0
+
+        def put(tok, typ, stage, position, blk, ppos, patch):
+            for k, v in zip(FIELDS, (tok, typ, stage, 0, 0, position, blk, ppos)):
+                cols[k].append(v)
+            patches.append(patch)
+
+        for stage, modality, content in episode.segments():
+            if modality == "text":
+                ids, stages = self.text_ids(stage, content, rec)
+                for i, s in zip(ids, stages):
+                    put(i, TEXT, s, pos, 0, 0, zero_patch)
+                    pos += 1
+            else:
+                p = patchify(np.asarray(content), self.patch)
+                block += 1
+                for j in range(self.num_patches):
+                    put(self.tok.pad_id, NOISY, stage, pos, block, j, p[j])
+                block += 1
+                put(self.tok.vision_start, TEXT, stage, pos, block, 0, zero_patch)
+                for j in range(self.num_patches):
+                    put(self.tok.pad_id, CLEAN, stage, pos, block, j, p[j])
+                put(self.tok.vision_end, TEXT, stage, pos, block, 0, zero_patch)
+                pos += 1
+        put(self.tok.end_of_episode, TEXT, ep.PLAN, pos, 0, 0, zero_patch)
+
+        out = {k: np.asarray(v, np.int32) for k, v in cols.items()}
+        out["patches"] = np.stack(patches).astype(np.uint8)
+        _set_targets(out, self.tok.vision_start)
+        return out
+
+
+def _set_targets(out: dict[str, np.ndarray], vision_start: int) -> None:
+    """targets[i] = next token of the clean stream, for text tokens outside image blocks and
+    for <|vision_end|> (which closes its block); latents and <|vision_start|> get none."""
+    types, blocks, tokens = out["types"], out["blocks"], out["tokens"]
+    clean = np.nonzero(types != NOISY)[0]
+    for a, b in zip(clean[:-1], clean[1:]):
+        if types[a] != TEXT or types[b] != TEXT:
+            continue
+        if blocks[a] != 0 and tokens[a] == vision_start:
+            continue
+        out["targets"][a] = tokens[b]
+        out["target_stages"][a] = out["stages"][b]
