@@ -97,8 +97,10 @@ def shape_mask(shape: str, size: int) -> np.ndarray:
     if shape == "circle":
         return (x - c) ** 2 + (y - c) ** 2 <= (size / 2.0) ** 2
     if shape == "triangle":
-        # Apex at the top, base on the bottom row: the box is full width and height.
-        return np.abs(x - c) <= (y + 0.5) / size * (size / 2.0)
+        # Apex at the top, base on the bottom row: the box is full width and height. The
+        # 0.5 floor keeps the apex row non-empty at even sizes (centre between two pixels),
+        # so the pixels fill exactly the box that Obj.box and GenEval-style detection report.
+        return np.abs(x - c) <= np.maximum((y + 0.5) / 2.0, 0.5)
     if shape == "cross":
         half = size / 6.0
         return (np.abs(x - c) <= half) | (np.abs(y - c) <= half)
