@@ -1,0 +1,90 @@
+"""The embedded default: a tiny unified model on the shapes world, sized so the whole job
+(data, training, generation both ways, scoring, report) fits in ~15 minutes on 2 CPU cores.
+
+Variants: `--config configs/shapes_tiny.py:test` shrinks everything for unit tests.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.world = dict(name="shapes", image_size=36, patch=6)
+
+    c.data = ml_collections.ConfigDict(dict(
+        data_dir="",  # default: <workdir>/data
+        seed=1,
+        num_train=3000,
+        num_eval=96,
+        # Episode kinds in the training mix; single-pass episodes let the same model serve as
+        # its own single-pass baseline (prompt -> image).
+        mix=dict(single_pass=0.2, additive=0.35, edit=0.2, critique=0.25),
+        seq_len=512,
+        batch_size=8,
+        max_skip_fraction=0.01,
+        shuffle_buffer_seed=0,
+    ))
+
+    c.model = ml_collections.ConfigDict(dict(
+        width=128, depth=4, heads=4, kv_heads=4, head_dim=32, mlp=512,
+        rope_theta=10000.0, qk_norm=True, qkv_bias=True, norm_eps=1e-6, dtype="float32",
+    ))
+
+    c.flow = dict(train_shift=1.0, sample_shift=1.0, sample_steps=20)
+
+    c.losses = ml_collections.ConfigDict(dict(
+        ce_weight=0.25, mse_weight=1.0,  # BAGEL's CE:MSE
+        stage_weights=dict(prompt=0.0, plan=1.0, sketch=1.0, inspect=1.0, refine=1.0),
+    ))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=1e-3, warmup_steps=50, total_steps=700, end_lr_factor=0.05,
+        b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
+    ))
+
+    c.train = ml_collections.ConfigDict(dict(
+        steps=700, log_every=25, eval_every=350, checkpoint_every=350, keep_checkpoints=2,
+    ))
+
+    c.mesh = dict(shape=(-1, 1, 1))
+    # Logical axis -> mesh axes. Parameters are sharded FSDP-style over `fsdp` on their
+    # embedding axis and tensor-parallel over `tensor` on heads/mlp/vocab.
+    c.rules = (
+        ("batch", ("data", "fsdp")),
+        ("length", None),
+        ("embed", "fsdp"),
+        ("embed_out", None),
+        ("heads", "tensor"),
+        ("head_dim", None),
+        ("qkv", "tensor"),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("patch", None),
+        ("freq", None),
+        ("norm", None),
+    )
+
+    c.eval = ml_collections.ConfigDict(dict(
+        seed=1234,
+        prompts_per_tag=8,
+        images_per_prompt=2,
+        max_iterations=5,  # cap on plan/sketch/inspect iterations per episode
+        max_text_tokens=48,  # cap per text segment
+        batch_size=48,
+        filmstrips=12,
+    ))
+
+    if arg == "test":
+        c.data.num_train, c.data.num_eval = 64, 16
+        c.data.seq_len, c.data.batch_size = 512, 2
+        c.model.update(width=32, depth=2, heads=2, kv_heads=1, head_dim=16, mlp=64)
+        c.optim.update(total_steps=20, warmup_steps=2)
+        c.train.update(steps=8, log_every=2, eval_every=4, checkpoint_every=4)
+        c.flow["sample_steps"] = 3
+        c.eval.update(prompts_per_tag=1, images_per_prompt=1, max_iterations=2,
+                      max_text_tokens=24, batch_size=6, filmstrips=2)
+    elif arg not in (None, ""):
+        raise ValueError(f"unknown config variant {arg!r}; expected '' or 'test'")
+    return c

@@ -1,0 +1,43 @@
+"""BAGEL's generalized causal attention over packed interleaved sequences.
+
+Rules (PAPER.md section 6), per packed row:
+  * tokens of different packed episodes (segment ids) never see each other;
+  * text is causal;
+  * each image copy (a "block") attends bidirectionally within itself and to what came before;
+  * noisy latent tokens are invisible to every token outside their own block, so later
+    tokens only ever see the clean copy.
+Padding (segment 0) attends only to itself so its softmax stays finite.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NOISY = 1  # token type id of noisy latents (see tokenizer.py)
+
+
+def generalized_causal_mask(segment_ids: jax.Array, blocks: jax.Array, types: jax.Array) -> jax.Array:
+    """Boolean [B, L, L] mask: True where query i may attend key j. Inputs are [B, L]."""
+    idx = jnp.arange(segment_ids.shape[1])
+    qi = idx
+    seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
+    blk_q, blk_k = blocks[:, :, None], blocks[:, None, :]
+    same_seg = (seg_q == seg_k) & (seg_q > 0)
+    causal = (idx[None, None, :] <= qi[None, :, None]) & (types[:, None, :] != NOISY)
+    same_block = (blk_q == blk_k) & (blk_q > 0)
+    self_only = qi[None, :, None] == idx[None, None, :]
+    return (same_seg & (causal | same_block)) | self_only
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q: [B, Lq, H, D]; k, v: [B, Lk, KV, D] (grouped-query when KV < H); mask [B, Lq, Lk].
+    Softmax in float32."""
+    b, lq, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, lq, kv, h // kv, d)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k).astype(jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+    logits = jnp.where(mask[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)
+    return out.reshape(b, lq, h, d)

@@ -1,0 +1,94 @@
+"""Mixture-of-Transformers decoder (BAGEL): two experts with their own copy of every block
+weight, hard-routed by token type, sharing one joint attention.
+
+Routing here computes both experts on every token and selects per token. That costs twice
+the dense FLOPs of the block projections; it is simple, static-shaped and shards trivially.
+A gather/scatter router is the faster alternative at scale (see issue 3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from strokes_jax.model import attention
+from strokes_jax.model.layers import DenseGeneral, RMSNorm, rope
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    width: int = 128
+    depth: int = 4
+    heads: int = 4
+    kv_heads: int = 4
+    head_dim: int = 32
+    mlp: int = 512
+    rope_theta: float = 10000.0
+    qk_norm: bool = True
+    qkv_bias: bool = True
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
+
+    @property
+    def jdtype(self):
+        return jnp.dtype(self.dtype)
+
+
+def _routed(make, x, is_gen):
+    """Apply the understanding and generation copies of a sub-module and select per token."""
+    und, gen = make("und")(x), make("gen")(x)
+    sel = is_gen.reshape(is_gen.shape + (1,) * (und.ndim - is_gen.ndim))
+    return jnp.where(sel, gen, und)
+
+
+class MoTBlock(nn.Module):
+    cfg: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, is_gen, positions, mask):
+        c, dt = self.cfg, self.cfg.jdtype
+        norm = lambda name: (lambda tag: RMSNorm(c.norm_eps, "embed", dt, name=f"{name}_{tag}"))
+
+        def proj(name, heads, bias):
+            return lambda tag: DenseGeneral((heads, c.head_dim), ("embed", "heads", "head_dim"),
+                                            use_bias=bias, dtype=dt, name=f"{name}_{tag}")
+
+        h = _routed(norm("input_norm"), x, is_gen)
+        q = _routed(proj("q", c.heads, c.qkv_bias), h, is_gen)
+        k = _routed(proj("k", c.kv_heads, c.qkv_bias), h, is_gen)
+        v = _routed(proj("v", c.kv_heads, c.qkv_bias), h, is_gen)
+        if c.qk_norm:  # QK-norm over the head dim, before RoPE
+            q = _routed(lambda tag: RMSNorm(c.norm_eps, "head_dim", dt, name=f"q_norm_{tag}"), q, is_gen)
+            k = _routed(lambda tag: RMSNorm(c.norm_eps, "head_dim", dt, name=f"k_norm_{tag}"), k, is_gen)
+        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        a = attention.dot_product_attention(q, k, v, mask)
+        a = a.reshape(a.shape[:2] + (c.heads * c.head_dim,))
+        o = _routed(lambda tag: DenseGeneral((c.width,), ("qkv", "embed"), dtype=dt,
+                                             name=f"o_{tag}"), a, is_gen)
+        x = x + o
+        h = _routed(norm("post_norm"), x, is_gen)
+
+        def mlp(tag):
+            def f(y):
+                g = DenseGeneral((c.mlp,), ("embed", "mlp"), dtype=dt, name=f"gate_{tag}")(y)
+                u = DenseGeneral((c.mlp,), ("embed", "mlp"), dtype=dt, name=f"up_{tag}")(y)
+                return DenseGeneral((c.width,), ("mlp", "embed"), dtype=dt,
+                                    name=f"down_{tag}")(nn.silu(g) * u)
+            return f
+
+        x = x + _routed(mlp, h, is_gen)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class MoTDecoder(nn.Module):
+    cfg: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, is_gen, positions, mask):
+        for i in range(self.cfg.depth):
+            x = MoTBlock(self.cfg, name=f"layer_{i}")(x, is_gen, positions, mask)
+        return _routed(lambda tag: RMSNorm(self.cfg.norm_eps, "embed", self.cfg.jdtype,
+                                           name=f"final_norm_{tag}"), x, is_gen)

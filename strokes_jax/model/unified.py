@@ -1,0 +1,73 @@
+"""The unified model: interleaved sequence -> text logits and flow velocities.
+
+Input tokens are text ids (understanding expert) or image latents (generation expert). A
+latent token's input is vae2llm(x_t) + timestep_embedding(t) + 2-D sin-cos position (BAGEL);
+clean copies use t = 0. For the shapes world the "VAE" is an identity patchify of pixels
+scaled to [-1, 1] (our choice: 36x36 images, 6x6 patches -> 36 tokens of 108 values), which
+keeps the flow target exact and the model tiny; the paper scale plugs the FLUX autoencoder
+in here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from strokes_jax.model import attention
+from strokes_jax.model.layers import DenseGeneral, TimestepEmbedder, param_with_axes, sincos_2d
+from strokes_jax.model.mot import DecoderConfig, MoTDecoder
+from strokes_jax.tokenizer import TEXT
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    patch_dim: int  # values per latent token
+    latent_grid: tuple[int, int]  # latent tokens per image, (rows, cols)
+    decoder: DecoderConfig = DecoderConfig()
+
+    @classmethod
+    def from_config(cls, cfg) -> "ModelConfig":
+        """From an ml_collections `model` block; unknown keys fail with the key named."""
+        d = dict(cfg)
+        dec_keys = {f.name for f in dataclasses.fields(DecoderConfig)}
+        top = {"vocab_size", "patch_dim", "latent_grid"}
+        unknown = set(d) - dec_keys - top
+        if unknown:
+            raise ValueError(f"unknown config keys model.{sorted(unknown)}")
+        return cls(vocab_size=int(d["vocab_size"]), patch_dim=int(d["patch_dim"]),
+                   latent_grid=tuple(d["latent_grid"]),
+                   decoder=DecoderConfig(**{k: d[k] for k in dec_keys if k in d}))
+
+
+class UnifiedModel(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens, types, positions, segment_ids, blocks, patch_pos, latents,
+                 timesteps):
+        """tokens/types/positions/segment_ids/blocks/patch_pos: int [B, L]; latents float
+        [B, L, patch_dim] (x_t for noisy tokens, x_0 for clean, ignored for text);
+        timesteps float [B, L]. Returns logits [B, L, V] and velocities [B, L, patch_dim]."""
+        c, d = self.cfg, self.cfg.decoder
+        dt = d.jdtype
+        embed = param_with_axes(self, "embed", nn.initializers.normal(0.02),
+                                (c.vocab_size, d.width), ("vocab", "embed"))
+        text = jnp.take(embed, tokens, axis=0).astype(dt)
+        table = jnp.asarray(sincos_2d(*c.latent_grid, d.width))
+        lat = DenseGeneral((d.width,), ("patch", "embed"), use_bias=True, dtype=dt,
+                           name="vae2llm")(latents)
+        lat = lat + TimestepEmbedder(d.width, dtype=dt, name="time_embedder")(timesteps)
+        lat = lat + jnp.take(table, patch_pos, axis=0).astype(dt)
+        is_gen = types != TEXT
+        x = jnp.where(is_gen[..., None], lat, text)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        mask = attention.generalized_causal_mask(segment_ids, blocks, types)
+        h = MoTDecoder(d, name="decoder")(x, is_gen, positions, mask)
+        logits = DenseGeneral((c.vocab_size,), ("embed", "vocab"), dtype=dt, name="lm_head")(h)
+        vel = DenseGeneral((c.patch_dim,), ("embed", "patch"), use_bias=True, dtype=dt,
+                           kernel_init=nn.initializers.zeros, name="llm2vae")(h)
+        return logits.astype(jnp.float32), vel.astype(jnp.float32)
