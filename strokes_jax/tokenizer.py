@@ -82,7 +82,7 @@ class Tokenizer:
 
     def encode(self, text: str, record: str = "?") -> list[int]:
         enc = self.tok.encode(text, add_special_tokens=False)
-        bad = [t for t, i in zip(enc.tokens, enc.ids) if i == self.unk_id]
+        bad = [text[a:b] for (a, b), i in zip(enc.offsets, enc.ids) if i == self.unk_id]
         if bad:
             raise TokenizerError(f"record {record}: unknown token(s) {bad} in {text!r}")
         return list(enc.ids)

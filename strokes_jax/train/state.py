@@ -19,7 +19,7 @@ from strokes_jax.train import sharding as shd
 @struct.dataclass
 class TrainState:
     step: jax.Array
-    params: Any  # LogicallyPartitioned boxes: the logical axis names travel with the params
+    params: Any
     opt_state: Any
     rng: jax.Array  # base key; per-step keys are fold_in(rng, step), so resumes are exact
 
@@ -42,7 +42,10 @@ def dummy_inputs(batch: int, length: int, patch_dim: int):
 
 
 def create_state(model: UnifiedModel, tx, mesh, rules, seed: int, patch_dim: int):
-    """Returns (state, state_shardings), with every array created on its final shards."""
+    """Returns (state, state_shardings), with every array created on its final shards.
+
+    init builds boxed (logically partitioned) params; their axis names give the shardings,
+    and the state itself holds plain arrays so Orbax and optax see ordinary pytrees."""
 
     def init(rng):
         params_rng, state_rng = jax.random.split(rng)
@@ -54,9 +57,9 @@ def create_state(model: UnifiedModel, tx, mesh, rules, seed: int, patch_dim: int
     abstract = jax.eval_shape(init, rng)
     shardings = shd.state_shardings(abstract, mesh, rules)
     with mesh:
-        state = jax.jit(init, out_shardings=shardings)(rng)
+        state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
     return state, shardings
 
 
 def param_count(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(nn.unbox(params))))
+    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

@@ -8,7 +8,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from strokes_jax import flow, losses
 from strokes_jax.model.unified import UnifiedModel
@@ -75,12 +74,12 @@ def train_step(state, batch, *, model, tx, lc: LossConfig):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
     metrics["grad_norm"] = jax.tree_util.tree_reduce(
-        lambda a, g: a + jnp.sum(jnp.square(g)), nn.unbox(grads), 0.0) ** 0.5
+        lambda a, g: a + jnp.sum(jnp.square(g)), grads, 0.0) ** 0.5
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
 def eval_step(state, batch, *, model, lc: LossConfig):
-    rng = jax.random.fold_in(state.rng, -1)  # fixed noise: eval losses are comparable
+    rng = jax.random.fold_in(state.rng, 2**31 - 1)  # fixed noise: eval losses are comparable
     _, metrics = loss_fn(state.params, batch, rng, model=model, lc=lc)
     return metrics
 

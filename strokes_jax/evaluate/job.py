@@ -1,0 +1,49 @@
+"""Generate both ways with a trained model, score with the exact checker, write the report."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from strokes_jax.evaluate import report, shapes_bench
+from strokes_jax.generate import Generator
+
+
+def make_generator(setup, config, seed: int = 0) -> Generator:
+    return Generator(setup.model, setup.state.params, setup.etok, max_len=config.data.seq_len,
+                     flow_steps=config.flow["sample_steps"], shift=config.flow["sample_shift"],
+                     max_iterations=config.eval.max_iterations,
+                     max_text_tokens=config.eval.max_text_tokens, seed=seed)
+
+
+def run(setup, config, workdir: str, config_name: str, train_summary: dict | None = None,
+        timings: dict | None = None) -> dict:
+    ec = config.eval
+    gen = make_generator(setup, config, ec.seed)
+    bench = shapes_bench.benchmark_prompts(ec.seed, ec.prompts_per_tag)
+    results, samples, timings = {}, {}, dict(timings or {})
+    for mode in shapes_bench.MODES:
+        s, secs = shapes_bench.run(gen, bench, ec.images_per_prompt, mode, ec.batch_size)
+        samples[mode] = s
+        results[mode] = shapes_bench.summarize(s)
+        timings[f"generate_{mode}"] = secs
+        logging.info("%s: %s", mode, results[mode]["scores"])
+    strips = []
+    for k, smp in enumerate(samples["process"][:: max(1, len(samples["process"]) // max(ec.filmstrips, 1))][:ec.filmstrips]):
+        single = next(x for x in samples["single_pass"] if x.prompt == smp.prompt and x.index == smp.index)
+        for name, x in ((f"{k:02d}_{smp.tag}_process", smp), (f"{k:02d}_{smp.tag}_single", single)):
+            verdict = "PASS" if x.correct else "FAIL"
+            strips.append((f"{name} {verdict}", x.prompt, x.result.text, x.result.images))
+    payload = {
+        "commit": report.git_commit(), "device": report.device_info(),
+        "config_name": config_name, "config": config.to_dict(),
+        "bench": {"prompts": len(bench), "images_per_prompt": ec.images_per_prompt,
+                  "flow_steps": config.flow["sample_steps"], "max_iterations": ec.max_iterations},
+        "results": results, "train": train_summary or {}, "timings": timings,
+        "samples": {m: [x.row() for x in s] for m, s in samples.items()},
+    }
+    t0 = time.time()
+    path = report.write(workdir, payload, [(n.replace(" ", "_"), p, t, im) for n, p, t, im in strips])
+    payload["report_path"] = path
+    timings["report"] = time.time() - t0
+    return payload

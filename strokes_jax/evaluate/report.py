@@ -1,0 +1,122 @@
+"""The report: results JSON, a Markdown score table, and filmstrips (PNG) that show each
+episode's stages with their text."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import textwrap
+from typing import Sequence
+
+import jax
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from strokes_jax.worlds import shapes
+
+SCALE = 4
+CAPTION_CHARS = 26
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=True, cwd=os.path.dirname(__file__))
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout
+        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_info() -> dict:
+    d = jax.devices()[0]
+    return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
+            "process_count": jax.process_count(), "cpu_count": os.cpu_count(),
+            "machine": platform.machine()}
+
+
+def _clean(text: str) -> str:
+    text = re.sub(r"<\|im_start\|>|<\|im_end\|>", " ", text)
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def filmstrip(prompt: str, text: str, images: Sequence[np.ndarray], path: str,
+              title: str = "") -> None:
+    """One panel per image, captioned with the text written since the previous image, plus a
+    final text panel for what followed the last image (inspection, end marker)."""
+    parts = text.split("<image>")
+    captions = [_clean(p) for p in parts]
+    if captions:
+        captions[0] = _clean(captions[0].replace(prompt, "", 1))
+    font = ImageFont.load_default()
+    side = shapes.CANVAS * SCALE
+    panels = list(images) + ([None] if len(captions) > len(images) and captions[-1] else [])
+    lines = [textwrap.wrap(captions[i] if i < len(captions) else "", CAPTION_CHARS) for i in range(len(panels))]
+    cap_h = 12 * max([len(l) for l in lines] + [1]) + 8
+    width = max(1, len(panels)) * (side + 8) + 8
+    canvas = Image.new("RGB", (max(width, 8 + 7 * len(title or prompt)), side + cap_h + 40), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((8, 6), title or prompt, fill="black", font=font)
+    if title:
+        draw.text((8, 20), prompt, fill="black", font=font)
+    for i, img in enumerate(panels):
+        x = 8 + i * (side + 8)
+        if img is not None:
+            big = Image.fromarray(np.asarray(img, np.uint8)).resize((side, side), Image.NEAREST)
+            canvas.paste(big, (x, 36))
+        else:
+            draw.rectangle([x, 36, x + side - 1, 36 + side - 1], outline="gray")
+        for j, line in enumerate(lines[i]):
+            draw.text((x, 40 + side + 12 * j), line, fill="black", font=font)
+    canvas.save(path)
+
+
+def score_table(results: dict[str, dict]) -> str:
+    """Markdown table: one row per mode, GenEval's six tags, overall, NFE."""
+    tags = list(shapes.TAGS)
+    head = "| mode | " + " | ".join(tags) + " | overall | NFE/image | NFE/sample | images/sample | well-formed |"
+    sep = "|" + "---|" * (len(tags) + 6)
+    rows = [head, sep]
+    for mode, r in results.items():
+        sc = r["scores"]
+        cells = [f"{sc.get(t, float('nan')):.2f}" for t in tags] + [f"{sc['overall']:.3f}"]
+        rows.append(f"| {mode} | " + " | ".join(cells) + f" | {r['nfe_per_image']:.1f} | "
+                    f"{r['nfe_per_sample']:.1f} | {r['images_per_sample']:.2f} | {r['well_formed']:.2f} |")
+    return "\n".join(rows)
+
+
+def write(workdir: str, payload: dict, strips: Sequence[tuple[str, str, str, Sequence[np.ndarray]]]):
+    """payload: JSON-able results; strips: (name, prompt, text, images). Returns report path."""
+    out = os.path.join(workdir, "report")
+    os.makedirs(os.path.join(out, "filmstrips"), exist_ok=True)
+    names = []
+    for name, prompt, text, images in strips:
+        fname = os.path.join("filmstrips", f"{name}.png")
+        filmstrip(prompt, text, images, os.path.join(out, fname), title=name)
+        names.append(fname)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(payload, f, indent=1, default=str)
+    tr = payload.get("train", {})
+    md = [f"# Shapes-GenEval report", "",
+          f"commit `{payload['commit']}`, config `{payload['config_name']}`, device "
+          f"{payload['device']['device_kind']} x{payload['device']['device_count']} "
+          f"({payload['device']['cpu_count']} CPU cores)", "",
+          score_table(payload["results"]), "",
+          f"Scores are the fraction of images that pass GenEval's rules on the exact detector; "
+          f"overall is the plain mean of the six categories. {payload['bench']['prompts']} prompts x "
+          f"{payload['bench']['images_per_prompt']} images per mode; flow steps per image "
+          f"{payload['bench']['flow_steps']}; iteration cap {payload['bench']['max_iterations']}.", "",
+          f"Training: {tr.get('params', '?')} parameters, steps {tr.get('start_step', 0)} -> "
+          f"{tr.get('end_step', '?')} in {tr.get('train_seconds', 0):.0f}s; "
+          f"loss by step: {', '.join(f'{s}:{l:.3f}' for s, l in tr.get('losses', [])[::max(1, len(tr.get('losses', [])) // 8)])}.",
+          "", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in payload.get("timings", {}).items()),
+          "", "## Filmstrips", ""]
+    md += [f"![{n}]({n})" for n in names]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as f:
+        f.write("\n".join(md) + "\n")
+    return path

@@ -1,0 +1,197 @@
+"""The training lifecycle: data -> sharded state (fresh or resumed) -> jitted steps ->
+metrics (clu writers: TensorBoard + logs) -> Orbax checkpoints (state + input state).
+
+SIGTERM asks the loop to save and stop at the next step boundary; a non-finite loss stops
+the run with an error and leaves the last good checkpoint as the newest one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+
+import jax
+import numpy as np
+from clu import metric_writers, periodic_actions
+
+from strokes_jax import tokenizer as tk
+from strokes_jax.data import pipeline, tfds_shapes
+from strokes_jax.model.unified import ModelConfig, UnifiedModel
+from strokes_jax.train import checkpoint as ckpt
+from strokes_jax.train import sharding as shd
+from strokes_jax.train import state as st
+from strokes_jax.train import step as sp
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything built from a config that both training and generation use."""
+
+    config: object
+    etok: tk.EpisodeTokenizer
+    model: UnifiedModel
+    mesh: jax.sharding.Mesh
+    tx: object
+    state: st.TrainState
+    shardings: object
+
+
+def episode_tokenizer(config) -> tk.EpisodeTokenizer:
+    w = config.world
+    if w["name"] != "shapes":
+        raise ValueError(f"config key world.name: unknown world {w['name']!r}")
+    return tk.EpisodeTokenizer(tk.Tokenizer.shapes(), (w["image_size"], w["image_size"], 3),
+                               w["patch"])
+
+
+def model_config(config, etok: tk.EpisodeTokenizer) -> ModelConfig:
+    grid = etok.image_shape[0] // etok.patch
+    return ModelConfig.from_config({**config.model.to_dict(), "vocab_size": etok.tok.vocab_size,
+                                    "patch_dim": etok.patch_dim, "latent_grid": (grid, grid)})
+
+
+def setup(config) -> Setup:
+    etok = episode_tokenizer(config)
+    model = UnifiedModel(model_config(config, etok))
+    mesh = shd.make_mesh(config.mesh["shape"])
+    tx = st.make_optimizer(config.optim)
+    state, shardings = st.create_state(model, tx, mesh, config.rules, config.seed, etok.patch_dim)
+    return Setup(config, etok, model, mesh, tx, state, shardings)
+
+
+def data_config(config) -> tfds_shapes.ShapesConfig:
+    d = config.data
+    mix = dict(d.mix)
+    tag = "_".join(f"{k}{v:g}" for k, v in sorted(mix.items()))
+    return tfds_shapes.ShapesConfig(
+        name=f"s{d.seed}_n{d.num_train}_{d.num_eval}_L{d.seq_len}_p{config.world['patch']}_{tag}".replace(".", "p"),
+        seed=d.seed, num_train=d.num_train, num_eval=d.num_eval, mix=mix, max_tokens=d.seq_len,
+        patch=config.world["patch"])
+
+
+def data_dir(config, workdir: str) -> str:
+    return config.data.data_dir or os.path.join(workdir, "data")
+
+
+def prepare_data(config, workdir: str):
+    """Build the shapes episodes (once) and return the train and eval sources."""
+    dcfg, ddir = data_config(config), data_dir(config, workdir)
+    t0 = time.time()
+    tfds_shapes.build(ddir, dcfg)
+    logging.info("data ready in %.1fs at %s", time.time() - t0, ddir)
+    return (tfds_shapes.data_source(ddir, dcfg, "train"),
+            tfds_shapes.data_source(ddir, dcfg, "eval"))
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag checked at step boundaries (main thread only)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _mean_metrics(history: list[dict]) -> dict[str, float]:
+    keys = history[0].keys()
+    return {k: float(np.mean([float(h[k]) for h in history])) for k in keys}
+
+
+def evaluate_loss(s: Setup, eval_step, source, config) -> dict[str, float]:
+    it = pipeline.make_eval_iter(source, s.etok, seq_len=config.data.seq_len,
+                                 global_batch_size=config.data.batch_size)
+    out = [jax.device_get(eval_step(s.state, _batch(b, s.mesh))) for b in it]
+    return {f"eval/{k}": v for k, v in _mean_metrics(out).items()} if out else {}
+
+
+def _batch(b, mesh):
+    return pipeline.to_global({k: b[k] for k in sp.BATCH_KEYS}, mesh)
+
+
+def train(config, workdir: str, sources=None) -> tuple[Setup, dict]:
+    """Train (or resume) in `workdir`; returns the final Setup and a summary dict."""
+    os.makedirs(workdir, exist_ok=True)
+    train_src, eval_src = sources if sources is not None else prepare_data(config, workdir)
+    s = setup(config)
+    lc = sp.LossConfig.from_config(config)
+    train_step, eval_step = sp.jit_steps(s.model, s.tx, lc, s.mesh, s.shardings)
+    tc = config.train
+    mgr = ckpt.manager(workdir, keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
+    skips = pipeline.SkipCounter(max_skip_fraction=config.data.max_skip_fraction)
+    it = pipeline.make_train_iter(train_src, s.etok, seq_len=config.data.seq_len,
+                                  global_batch_size=config.data.batch_size,
+                                  seed=config.data.shuffle_buffer_seed, skips=skips)
+    restored = ckpt.restore_latest(mgr, s.state, s.shardings)
+    start = 0
+    if restored is not None:
+        start, s.state, data_state = restored
+        if data_state is not None:
+            it.set_state(data_state)
+        logging.info("resumed from step %d", start)
+    writer = metric_writers.create_default_writer(
+        os.path.join(workdir, "tb"), just_logging=jax.process_index() > 0)
+    if start == 0:
+        writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
+    report = periodic_actions.ReportProgress(num_train_steps=tc.steps, writer=writer)
+    history, losses, t0 = [], [], time.time()
+    summary = {"params": st.param_count(s.state.params), "start_step": start}
+    step = start
+    with _Preemption() as pre:
+        while step < tc.steps:
+            batch = _batch(next(it), s.mesh)
+            s.state, metrics = train_step(s.state, batch)
+            step += 1
+            report(step)
+            history.append(metrics)
+            if step % tc.log_every == 0 or step == tc.steps:
+                m = _mean_metrics(jax.device_get(history))
+                history = []
+                if not np.isfinite(m["loss"]):
+                    mgr.wait_until_finished()
+                    raise FloatingPointError(
+                        f"non-finite loss {m['loss']} by step {step}; the newest checkpoint "
+                        f"(step {mgr.latest_step()}) is the last good one")
+                losses.append((step, m["loss"]))
+                writer.write_scalars(step, {f"train/{k}": v for k, v in m.items()})
+                print(f"step {step}/{tc.steps} loss {m['loss']:.4f} ce {m['ce']:.4f} "
+                      f"mse {m['mse']:.4f} text_acc {m['text_accuracy']:.3f} "
+                      f"({time.time() - t0:.0f}s)", flush=True)
+            if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+                writer.write_scalars(step, evaluate_loss(s, eval_step, eval_src, config))
+            ckpt.save(mgr, step, s.state, it.get_state(), force=step == tc.steps or pre.requested)
+            if pre.requested:
+                logging.warning("SIGTERM: saved step %d, stopping", step)
+                break
+    mgr.wait_until_finished()
+    writer.flush()
+    summary.update(end_step=step, train_seconds=time.time() - t0, losses=losses,
+                   skipped=skips.get_state(), preempted=pre.requested)
+    return s, summary
+
+
+def restore_for_eval(config, workdir: str) -> tuple[Setup, dict]:
+    """Setup with the newest checkpoint's state (the input state is not needed)."""
+    s = setup(config)
+    mgr = ckpt.manager(workdir, keep=config.train.keep_checkpoints,
+                       save_every=config.train.checkpoint_every)
+    restored = ckpt.restore_latest(mgr, s.state, s.shardings)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
+    step, s.state, _ = restored
+    return s, {"params": st.param_count(s.state.params), "start_step": step, "end_step": step}
