@@ -40,12 +40,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
 
     c.optim = ml_collections.ConfigDict(dict(
-        lr=1e-3, warmup_steps=50, total_steps=700, end_lr_factor=0.05,
+        lr=1e-3, warmup_steps=40, total_steps=400, end_lr_factor=0.05,
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
     ))
 
     c.train = ml_collections.ConfigDict(dict(
-        steps=700, log_every=25, eval_every=350, checkpoint_every=350, keep_checkpoints=2,
+        steps=400, log_every=25, eval_every=200, checkpoint_every=200, keep_checkpoints=2,
     ))
 
     c.mesh = dict(shape=(-1, 1, 1))
@@ -68,11 +68,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict(dict(
         seed=1234,
-        prompts_per_tag=8,
-        images_per_prompt=2,
+        prompts_per_tag=6,
+        images_per_prompt=1,
         max_iterations=5,  # cap on plan/sketch/inspect iterations per episode
         max_text_tokens=48,  # cap per text segment
-        batch_size=48,
+        batch_size=36,
         filmstrips=12,
     ))
 

@@ -507,6 +507,10 @@ def test_shift():
         assert np.all(np.diff(y) > 0), f"shift(., {s}) is not increasing"
         assert np.all(y[1:-1] > t[1:-1]), "s > 1 moves time towards noise"
         np.testing.assert_allclose([y[0], y[-1]], [0.0, 1.0], atol=1e-12)
+        # The paper's formula t <- s t / (1 + (s - 1) t); s and 1/s are inverse shifts.
+        np.testing.assert_allclose(y, s * t / (1 + (s - 1) * t), rtol=1e-12)
+        np.testing.assert_allclose(flow.shift(y, 1.0 / s), t, atol=1e-12)
+    np.testing.assert_allclose(flow.shift(0.5, 3.0), 0.75)
 
 
 @pytest.mark.parametrize("s", [1.0, 3.0])
@@ -615,12 +619,18 @@ def test_sincos_2d():
     tab = sincos_2d(gh, gw, dim)
     assert tab.shape == (gh * gw, dim) and tab.dtype == np.float32
     assert len(np.unique(tab.round(6), axis=0)) == gh * gw, "rows must be distinct"
-    # Row-major: the first half encodes the row, the second half the column.
-    for r in range(gh):
-        for c in range(gw):
-            np.testing.assert_array_equal(tab[r * gw + c, : dim // 2], tab[r * gw, : dim // 2])
-            np.testing.assert_array_equal(tab[r * gw + c, dim // 2:], tab[c, dim // 2:])
-    assert not np.allclose(tab[0, : dim // 2], tab[gw, : dim // 2])
-    assert not np.allclose(tab[0, dim // 2:], tab[1, dim // 2:])
+    # Row-major (index r * gw + c); one half of the channels depends only on the row, the
+    # other only on the column (which half is which is not pinned: MAE/BAGEL put the column
+    # first, this implementation the row).
+    t3 = tab.reshape(gh, gw, dim)
+    halves = (t3[..., : dim // 2], t3[..., dim // 2:])
+    row_only = [np.all(h == h[:, :1]) for h in halves]
+    col_only = [np.all(h == h[:1, :]) for h in halves]
+    assert sorted([row_only.index(True), col_only.index(True)]) == [0, 1], (row_only, col_only)
+    r_half, c_half = halves[row_only.index(True)], halves[col_only.index(True)]
+    assert len(np.unique(r_half[:, 0].round(6), axis=0)) == gh
+    assert len(np.unique(c_half[0].round(6), axis=0)) == gw
+    # Position (0, 0) is sin(0) = 0 / cos(0) = 1 in each half.
+    np.testing.assert_allclose(tab[0], np.tile(np.repeat([0.0, 1.0], dim // 4), 2), atol=1e-7)
     with pytest.raises(ValueError):
         sincos_2d(2, 2, 30)

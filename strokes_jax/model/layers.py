@@ -99,8 +99,8 @@ class TimestepEmbedder(nn.Module):
 
 
 def sincos_2d(grid_h: int, grid_w: int, dim: int) -> np.ndarray:
-    """Fixed 2-D sin-cos table [grid_h * grid_w, dim], row-major; half the channels encode the
-    row, half the column (MAE / BAGEL convention)."""
+    """Fixed 2-D sin-cos table [grid_h * grid_w, dim], row-major over positions; the first half
+    of the channels encodes the column, the second the row (MAE / BAGEL convention)."""
     if dim % 4:
         raise ValueError(f"2-D sin-cos table needs a width divisible by 4, got {dim}")
 
@@ -111,4 +111,4 @@ def sincos_2d(grid_h: int, grid_w: int, dim: int) -> np.ndarray:
 
     gh, gw = np.meshgrid(np.arange(grid_h, dtype=np.float64), np.arange(grid_w, dtype=np.float64),
                          indexing="ij")
-    return np.concatenate([one(gh, dim // 2), one(gw, dim // 2)], axis=1).astype(np.float32)
+    return np.concatenate([one(gw, dim // 2), one(gh, dim // 2)], axis=1).astype(np.float32)

@@ -37,7 +37,7 @@ def restore_latest(mgr: ocp.CheckpointManager, state, shardings):
         return None
     items = mgr.item_metadata(step)
     args = {"state": ocp.args.StandardRestore(abstract_like(state, shardings))}
-    has_data = items is not None and "data" in items and items["data"] is not None
+    has_data = items is not None and "data" in items
     if has_data:
         args["data"] = ocp.args.JsonRestore()
     out = mgr.restore(step, args=ocp.args.Composite(**args))

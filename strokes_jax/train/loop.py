@@ -15,6 +15,7 @@ import time
 
 import jax
 import numpy as np
+import flax.linen as nn
 from clu import metric_writers, periodic_actions
 
 from strokes_jax import tokenizer as tk
@@ -152,7 +153,9 @@ def train(config, workdir: str, sources=None) -> tuple[Setup, dict]:
     history, losses, t0 = [], [], time.time()
     summary = {"params": st.param_count(s.state.params), "start_step": start}
     step = start
-    with _Preemption() as pre:
+    # The mesh and rules make the model's logical activation constraints concrete.
+    with _Preemption() as pre, jax.set_mesh(s.mesh), \
+            nn.logical_axis_rules(shd.rules_tuple(config.rules)):
         while step < tc.steps:
             batch = _batch(next(it), s.mesh)
             s.state, metrics = train_step(s.state, batch)

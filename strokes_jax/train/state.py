@@ -56,7 +56,7 @@ def create_state(model: UnifiedModel, tx, mesh, rules, seed: int, patch_dim: int
     rng = jax.random.PRNGKey(seed)
     abstract = jax.eval_shape(init, rng)
     shardings = shd.state_shardings(abstract, mesh, rules)
-    with mesh:
+    with jax.set_mesh(mesh):
         state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
     return state, shardings
 
