@@ -6,6 +6,10 @@ clean copies use t = 0. For the shapes world the "VAE" is an identity patchify o
 scaled to [-1, 1] (our choice: 36x36 images, 6x6 patches -> 36 tokens of 108 values), which
 keeps the flow target exact and the model tiny; the paper scale plugs the FLUX autoencoder
 in here.
+
+With `ModelConfig.vision` set, the model also takes ViT patches (BAGEL's understanding
+encoder, model/vision.py): tokens of type VIT get connector(ViT(patches)) + 2-D sin-cos table
+and go to the understanding expert, like text.
 """
 
 from __future__ import annotations
@@ -19,7 +23,11 @@ import flax.linen as nn
 from strokes_jax.model import attention
 from strokes_jax.model.layers import DenseGeneral, TimestepEmbedder, param_with_axes, sincos_2d
 from strokes_jax.model.mot import DecoderConfig, MoTDecoder
-from strokes_jax.tokenizer import TEXT
+from strokes_jax.model.vision import VisionConfig, VisionTower
+from strokes_jax.tokenizer import CLEAN, NOISY, TEXT
+
+# Token type of ViT patch tokens (understanding expert); TEXT/NOISY/CLEAN are in tokenizer.py.
+VIT = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,19 +36,27 @@ class ModelConfig:
     patch_dim: int  # values per latent token
     latent_grid: tuple[int, int]  # latent tokens per image, (rows, cols)
     decoder: DecoderConfig = DecoderConfig()
+    vision: VisionConfig | None = None  # BAGEL's SigLIP + connector; None: no ViT tokens
 
     @classmethod
     def from_config(cls, cfg) -> "ModelConfig":
         """From an ml_collections `model` block; unknown keys fail with the key named."""
         d = dict(cfg)
         dec_keys = {f.name for f in dataclasses.fields(DecoderConfig)}
-        top = {"vocab_size", "patch_dim", "latent_grid"}
+        top = {"vocab_size", "patch_dim", "latent_grid", "vision"}
         unknown = set(d) - dec_keys - top
         if unknown:
             raise ValueError(f"unknown config keys model.{sorted(unknown)}")
+        vision = None
+        if d.get("vision"):
+            v = dict(d["vision"])
+            vis_keys = {f.name for f in dataclasses.fields(VisionConfig)}
+            if set(v) - vis_keys:
+                raise ValueError(f"unknown config keys model.vision.{sorted(set(v) - vis_keys)}")
+            vision = VisionConfig(**v)
         return cls(vocab_size=int(d["vocab_size"]), patch_dim=int(d["patch_dim"]),
                    latent_grid=tuple(d["latent_grid"]),
-                   decoder=DecoderConfig(**{k: d[k] for k in dec_keys if k in d}))
+                   decoder=DecoderConfig(**{k: d[k] for k in dec_keys if k in d}), vision=vision)
 
 
 class UnifiedModel(nn.Module):
@@ -48,10 +64,12 @@ class UnifiedModel(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, types, positions, segment_ids, blocks, patch_pos, latents,
-                 timesteps):
+                 timesteps, vit_patches=None, vit_pos=None):
         """tokens/types/positions/segment_ids/blocks/patch_pos: int [B, L]; latents float
         [B, L, patch_dim] (x_t for noisy tokens, x_0 for clean, ignored for text);
-        timesteps float [B, L]. Returns logits [B, L, V] and velocities [B, L, patch_dim]."""
+        timesteps float [B, L]; with a vision config, vit_patches float [B, L, p*p*3] and
+        vit_pos int [B, L] (row * max_side + col) for VIT tokens, each image one block.
+        Returns logits [B, L, V] and velocities [B, L, patch_dim]."""
         c, d = self.cfg, self.cfg.decoder
         dt = d.jdtype
         embed = param_with_axes(self, "embed", nn.initializers.normal(0.02),
@@ -62,8 +80,13 @@ class UnifiedModel(nn.Module):
                            name="vae2llm")(latents)
         lat = lat + TimestepEmbedder(d.width, dtype=dt, name="time_embedder")(timesteps)
         lat = lat + jnp.take(table, patch_pos, axis=0).astype(dt)
-        is_gen = types != TEXT
+        is_gen = (types == NOISY) | (types == CLEAN)
         x = jnp.where(is_gen[..., None], lat, text)
+        if c.vision is not None and vit_patches is not None:
+            is_vit = types == VIT
+            vit = VisionTower(c.vision, d.width, dt, name="vision")(
+                vit_patches, vit_pos, jnp.where(is_vit, blocks, 0))
+            x = jnp.where(is_vit[..., None], vit.astype(dt), x)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         mask = attention.generalized_causal_mask(segment_ids, blocks, types)
         h = MoTDecoder(d, name="decoder")(x, is_gen, positions, mask)

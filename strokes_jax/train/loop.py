@@ -16,6 +16,7 @@ import time
 import jax
 import numpy as np
 import flax.linen as nn
+import tensorflow_datasets as tfds
 from clu import metric_writers, periodic_actions
 
 from strokes_jax import tokenizer as tk
@@ -80,6 +81,7 @@ def data_dir(config, workdir: str) -> str:
 def prepare_data(config, workdir: str):
     """Build the shapes episodes (once) and return the train and eval sources."""
     dcfg, ddir = data_config(config), data_dir(config, workdir)
+    tfds.disable_progress_bar()
     t0 = time.time()
     tfds_shapes.build(ddir, dcfg)
     logging.info("data ready in %.1fs at %s", time.time() - t0, ddir)

@@ -1,0 +1,68 @@
+"""`python -m strokes_jax.convert <command>`:
+
+  bagel   --ema ema.safetensors --ae ae.safetensors --out DIR [--tokenizer tokenizer.json]
+          [--config configs/bagel7b_process.py[:variant]] [--dtype bfloat16|float32|keep]
+          [--init_gen_from_und]
+          BAGEL-7B-MoT safetensors -> DIR/params (Orbax {'model', 'vae'}) + conversion.json
+  params  [--config ...]   parameter counts of the config's model from jax.eval_shape
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "bagel7b_process.py")
+
+
+def load_config(spec: str):
+    """`path[:variant]` -> ConfigDict, as ml_collections' config flags resolve it."""
+    import importlib.util
+    path, _, arg = spec.partition(":")
+    mod_spec = importlib.util.spec_from_file_location("_strokes_config", path)
+    mod = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(mod)
+    return mod.get_config(arg or None)
+
+
+def configs_of(config):
+    from strokes_jax.model.unified import ModelConfig
+    from strokes_jax.model.vae import AEConfig
+    vae = dict(config.vae)
+    vae["ch_mult"] = tuple(vae["ch_mult"])
+    return ModelConfig.from_config(config.model), AEConfig(**vae)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m strokes_jax.convert")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("bagel")
+    b.add_argument("--ema", required=True)
+    b.add_argument("--ae", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--tokenizer", default="")
+    b.add_argument("--config", default=DEFAULT_CONFIG)
+    b.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "keep"))
+    b.add_argument("--init_gen_from_und", action="store_true")
+    p = sub.add_parser("params")
+    p.add_argument("--config", default=DEFAULT_CONFIG)
+    args = ap.parse_args(argv)
+
+    cfg, ae_cfg = configs_of(load_config(args.config))
+    if args.cmd == "params":
+        from strokes_jax.model.counts import format_counts, param_counts
+        print(format_counts(param_counts(cfg, ae_cfg)))
+        return 0
+    import jax.numpy as jnp
+    from strokes_jax.convert.bagel import convert_bagel
+    dtype = None if args.dtype == "keep" else jnp.dtype(args.dtype)
+    path = convert_bagel(args.ema, args.ae, args.out, cfg, ae_cfg, tokenizer=args.tokenizer or None,
+                         dtype=dtype, init_gen_from_und=args.init_gen_from_und)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

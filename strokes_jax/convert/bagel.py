@@ -1,0 +1,328 @@
+"""BAGEL-7B-MoT checkpoint -> Flax params: the key maps (PAPER.md section 6 names) and the
+conversion job (`ema.safetensors` + `ae.safetensors` -> one Orbax checkpoint).
+
+The maps produce the unscanned layout (`decoder/layer_{i}/...`); a scanned model stacks
+`layer_*` afterwards, so the per-key map stays one line per source tensor.
+
+Fixed tables stored in the checkpoint (`latent_pos_embed.pos_embed`, `vit_pos_embed.pos_embed`)
+are not params here, the model computes them; the converter checks they equal our 2-D sin-cos
+table, which catches a layout convention drifting (row/column halves, grid size).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from strokes_jax.convert.keymap import (
+    CONV2D, CONV1X1_TO_LINEAR, IDENTITY, LINEAR, ConversionError, Copy, Reader, Rule,
+    bias_to_heads, conv_patch_to_linear, convert, linear_to_heads)
+from strokes_jax.model.layers import sincos_2d
+from strokes_jax.model.mot import DecoderConfig
+from strokes_jax.model.unified import ModelConfig
+from strokes_jax.model.vae import AEConfig
+from strokes_jax.model.vision import VisionConfig
+
+LM = "language_model"
+VIT = "vit_model.vision_model"
+EXPERTS = (("und", ""), ("gen", "_moe_gen"))  # (our suffix, BAGEL's suffix)
+LATENT_TABLE, VIT_TABLE = "latent_pos_embed.pos_embed", "vit_pos_embed.pos_embed"
+
+
+# --------------------------------------------------------------------------------------
+# Key maps.
+
+
+def _linear(src: str, dst: tuple, out: int, inp: int, bias: bool) -> list[Rule]:
+    rules = [Rule(f"{src}.weight", dst + ("kernel",), (out, inp), LINEAR)]
+    if bias:
+        rules.append(Rule(f"{src}.bias", dst + ("bias",), (out,)))
+    return rules
+
+
+def _heads(src: str, dst: tuple, heads: int, head_dim: int, inp: int, bias: bool) -> list[Rule]:
+    rules = [Rule(f"{src}.weight", dst + ("kernel",), (heads * head_dim, inp),
+                  linear_to_heads(heads, head_dim))]
+    if bias:
+        rules.append(Rule(f"{src}.bias", dst + ("bias",), (heads * head_dim,),
+                          bias_to_heads(heads, head_dim)))
+    return rules
+
+
+def decoder_rules(vocab: int, d: DecoderConfig, *, init_gen_from_und: bool = False
+                  ) -> tuple[list[Rule], list[Copy]]:
+    """The Qwen2 MoT language model. With `init_gen_from_und` the checkpoint holds only the
+    understanding expert (a plain Qwen2/Qwen3) and the generation expert is a copy of it, as
+    BAGEL initialises it; otherwise every `*_moe_gen` key must be present."""
+    rules, copies = [], []
+    w, hd = d.width, d.head_dim
+    for i in range(d.depth):
+        pre, dst = f"{LM}.model.layers.{i}", ("decoder", f"layer_{i}")
+        for tag, sfx in EXPERTS:
+            r = []
+            r += _heads(f"{pre}.self_attn.q_proj{sfx}", dst + (f"q_{tag}",), d.heads, hd, w, d.qkv_bias)
+            r += _heads(f"{pre}.self_attn.k_proj{sfx}", dst + (f"k_{tag}",), d.kv_heads, hd, w, d.qkv_bias)
+            r += _heads(f"{pre}.self_attn.v_proj{sfx}", dst + (f"v_{tag}",), d.kv_heads, hd, w, d.qkv_bias)
+            r += _linear(f"{pre}.self_attn.o_proj{sfx}", dst + (f"o_{tag}",), w, d.heads * hd, False)
+            if d.qk_norm:
+                r.append(Rule(f"{pre}.self_attn.q_norm{sfx}.weight", dst + (f"q_norm_{tag}", "scale"), (hd,)))
+                r.append(Rule(f"{pre}.self_attn.k_norm{sfx}.weight", dst + (f"k_norm_{tag}", "scale"), (hd,)))
+            for name in ("gate", "up"):
+                r += _linear(f"{pre}.mlp{sfx}.{name}_proj", dst + (f"{name}_{tag}",), d.mlp, w, False)
+            r += _linear(f"{pre}.mlp{sfx}.down_proj", dst + (f"down_{tag}",), w, d.mlp, False)
+            r.append(Rule(f"{pre}.input_layernorm{sfx}.weight", dst + (f"input_norm_{tag}", "scale"), (w,)))
+            r.append(Rule(f"{pre}.post_attention_layernorm{sfx}.weight",
+                          dst + (f"post_norm_{tag}", "scale"), (w,)))
+            rules += r
+    for tag, sfx in EXPERTS:
+        rules.append(Rule(f"{LM}.model.norm{sfx}.weight", ("decoder", f"final_norm_{tag}", "scale"), (w,)))
+    rules.append(Rule(f"{LM}.model.embed_tokens.weight", ("embed",), (vocab, w)))
+    rules += _linear(f"{LM}.lm_head", ("lm_head",), vocab, w, False)
+    if init_gen_from_und:
+        und = [r for r in rules if "_moe_gen" not in r.src]
+        gen = [r for r in rules if "_moe_gen" in r.src]
+        copies = [Copy(g.dst, tuple(p.replace("_gen", "_und") for p in g.dst)) for g in gen]
+        rules = und
+    return rules, copies
+
+
+def gen_head_rules(cfg: ModelConfig) -> list[Rule]:
+    w, p = cfg.decoder.width, cfg.patch_dim
+    return (_linear("vae2llm", ("vae2llm",), w, p, True)
+            + _linear("llm2vae", ("llm2vae",), p, w, True)
+            + _linear("time_embedder.mlp.0", ("time_embedder", "mlp_0"), w, 256, True)
+            + _linear("time_embedder.mlp.2", ("time_embedder", "mlp_2"), w, w, True))
+
+
+def vision_rules(v: VisionConfig, llm_width: int, *, conv_patch: bool = False,
+                 prefix: tuple = ("vision",)) -> list[Rule]:
+    """SigLIP ViT + connector. BAGEL stores the patch embedding as a Linear over (row, col,
+    channel); `conv_patch` reads the stock SigLIP Conv2d form instead."""
+    vit, w = prefix + ("vit",), v.width
+    if conv_patch:
+        rules = [Rule(f"{VIT}.embeddings.patch_embedding.weight", vit + ("patch_embed", "kernel"),
+                      (w, v.channels, v.patch, v.patch), conv_patch_to_linear(v.channels, v.patch)),
+                 Rule(f"{VIT}.embeddings.patch_embedding.bias", vit + ("patch_embed", "bias"), (w,))]
+    else:
+        rules = _linear(f"{VIT}.embeddings.patch_embedding", vit + ("patch_embed",), w, v.patch_dim, True)
+    rules.append(Rule(f"{VIT}.embeddings.position_embedding.weight", vit + ("pos_embed",),
+                      (v.max_side * v.max_side, w)))
+    for j in range(v.depth):
+        pre, dst = f"{VIT}.encoder.layers.{j}", vit + (f"layer_{j}",)
+        for src, ours in (("layer_norm1", "ln1"), ("layer_norm2", "ln2")):
+            rules += [Rule(f"{pre}.{src}.weight", dst + (ours, "scale"), (w,)),
+                      Rule(f"{pre}.{src}.bias", dst + (ours, "bias"), (w,))]
+        for n in ("q", "k", "v"):
+            rules += _heads(f"{pre}.self_attn.{n}_proj", dst + (n,), v.heads, v.head_dim, w, True)
+        rules += _linear(f"{pre}.self_attn.out_proj", dst + ("o",), w, w, True)
+        rules += _linear(f"{pre}.mlp.fc1", dst + ("fc1",), v.mlp, w, True)
+        rules += _linear(f"{pre}.mlp.fc2", dst + ("fc2",), w, v.mlp, True)
+    rules += [Rule(f"{VIT}.post_layernorm.weight", vit + ("post_norm", "scale"), (w,)),
+              Rule(f"{VIT}.post_layernorm.bias", vit + ("post_norm", "bias"), (w,))]
+    con = prefix + ("connector",)
+    rules += _linear("connector.fc1", con + ("fc1",), llm_width, w, True)
+    rules += _linear("connector.fc2", con + ("fc2",), llm_width, llm_width, True)
+    return rules
+
+
+def _conv(src: str, dst: tuple, out: int, inp: int, k: int = 3) -> list[Rule]:
+    return [Rule(f"{src}.weight", dst + ("kernel",), (out, inp, k, k), CONV2D),
+            Rule(f"{src}.bias", dst + ("bias",), (out,))]
+
+
+def _norm(src: str, dst: tuple, c: int) -> list[Rule]:
+    return [Rule(f"{src}.weight", dst + ("scale",), (c,)), Rule(f"{src}.bias", dst + ("bias",), (c,))]
+
+
+def _resnet(src: str, dst: tuple, inp: int, out: int) -> list[Rule]:
+    r = (_norm(f"{src}.norm1", dst + ("norm1",), inp) + _conv(f"{src}.conv1", dst + ("conv1",), out, inp)
+         + _norm(f"{src}.norm2", dst + ("norm2",), out) + _conv(f"{src}.conv2", dst + ("conv2",), out, out))
+    if inp != out:
+        r += _conv(f"{src}.nin_shortcut", dst + ("nin_shortcut",), out, inp, k=1)
+    return r
+
+
+def _mid(src: str, dst: tuple, c: int) -> list[Rule]:
+    r = _resnet(f"{src}.mid.block_1", dst + ("mid_block_1",), c, c)
+    a = dst + ("mid_attn_1",)
+    r += _norm(f"{src}.mid.attn_1.norm", a + ("norm",), c)
+    for n in ("q", "k", "v", "proj_out"):
+        r += [Rule(f"{src}.mid.attn_1.{n}.weight", a + (n, "kernel"), (c, c, 1, 1), CONV1X1_TO_LINEAR),
+              Rule(f"{src}.mid.attn_1.{n}.bias", a + (n, "bias"), (c,))]
+    return r + _resnet(f"{src}.mid.block_2", dst + ("mid_block_2",), c, c)
+
+
+def vae_rules(a: AEConfig) -> list[Rule]:
+    """The FLUX autoencoder under its original names (as in `ae.safetensors`)."""
+    enc, dec = ("encoder",), ("decoder",)
+    r = _conv("encoder.conv_in", enc + ("conv_in",), a.ch, a.in_channels)
+    c = a.ch
+    for i, m in enumerate(a.ch_mult):
+        for j in range(a.num_res_blocks):
+            r += _resnet(f"encoder.down.{i}.block.{j}", enc + (f"down_{i}_block_{j}",), c, a.ch * m)
+            c = a.ch * m
+        if i != len(a.ch_mult) - 1:
+            r += _conv(f"encoder.down.{i}.downsample.conv", enc + (f"down_{i}_downsample", "conv"), c, c)
+    r += _mid("encoder", enc, c)
+    r += _norm("encoder.norm_out", enc + ("norm_out",), c)
+    r += _conv("encoder.conv_out", enc + ("conv_out",), 2 * a.z_channels, c)
+    c = a.ch * a.ch_mult[-1]
+    r += _conv("decoder.conv_in", dec + ("conv_in",), c, a.z_channels)
+    r += _mid("decoder", dec, c)
+    for i in reversed(range(len(a.ch_mult))):
+        for j in range(a.num_res_blocks + 1):
+            r += _resnet(f"decoder.up.{i}.block.{j}", dec + (f"up_{i}_block_{j}",), c, a.ch * a.ch_mult[i])
+            c = a.ch * a.ch_mult[i]
+        if i != 0:
+            r += _conv(f"decoder.up.{i}.upsample.conv", dec + (f"up_{i}_upsample", "conv"), c, c)
+    r += _norm("decoder.norm_out", dec + ("norm_out",), c)
+    r += _conv("decoder.conv_out", dec + ("conv_out",), a.out_ch, c)
+    return r
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedTable:
+    """A stored non-trainable table that must equal what the model computes."""
+
+    src: str
+    value: np.ndarray
+
+
+def fixed_tables(cfg: ModelConfig) -> list[FixedTable]:
+    g = cfg.latent_grid
+    out = [FixedTable(LATENT_TABLE, sincos_2d(g[0], g[1], cfg.decoder.width))]
+    if cfg.vision is not None:
+        s = cfg.vision.max_side
+        out.append(FixedTable(VIT_TABLE, sincos_2d(s, s, cfg.decoder.width)))
+    return out
+
+
+def model_rules(cfg: ModelConfig, *, init_gen_from_und: bool = False, gen_heads: bool = True,
+                vision: bool = True, conv_patch: bool = False) -> tuple[list[Rule], list[Copy]]:
+    """The whole unified model's map (ema.safetensors). `gen_heads`/`vision` False leave those
+    parts out (a plain Qwen checkpoint has neither; the caller keeps their fresh init)."""
+    rules, copies = decoder_rules(cfg.vocab_size, cfg.decoder, init_gen_from_und=init_gen_from_und)
+    if gen_heads:
+        rules += gen_head_rules(cfg)
+    if vision and cfg.vision is not None:
+        rules += vision_rules(cfg.vision, cfg.decoder.width, conv_patch=conv_patch)
+    return rules, copies
+
+
+# --------------------------------------------------------------------------------------
+# Configs from the checkpoint's JSON files.
+
+
+def decoder_config_from_hf(c: Mapping, *, bagel: bool = False, dtype: str = "float32"
+                           ) -> tuple[int, DecoderConfig]:
+    """(vocab, DecoderConfig) from a Qwen2/Qwen3 `config.json` (or BAGEL's llm_config.json;
+    `bagel` applies what BAGEL's loader forces: QK-norm on, untied head)."""
+    mt = c.get("model_type", "qwen2")
+    if mt not in ("qwen2", "qwen3"):
+        raise ConversionError(f"llm config model_type {mt!r}: expected 'qwen2' or 'qwen3'")
+    rope = c.get("rope_parameters") or {}
+    theta = c.get("rope_theta", rope.get("rope_theta"))
+    scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if theta is None or scaling:
+        raise ConversionError(f"llm config: need plain RoPE with rope_theta, got {rope or scaling}")
+    if c.get("tie_word_embeddings", False) and not bagel:
+        raise ConversionError("llm config key tie_word_embeddings=true: the model needs an untied lm_head")
+    if c.get("use_sliding_window", False):
+        raise ConversionError("llm config key use_sliding_window=true is not supported")
+    heads = int(c["num_attention_heads"])
+    qk_norm = True if (bagel or mt == "qwen3") else bool(c.get("qk_norm", False))
+    qkv_bias = True if mt == "qwen2" else bool(c.get("attention_bias", False))
+    return int(c["vocab_size"]), DecoderConfig(
+        width=int(c["hidden_size"]), depth=int(c["num_hidden_layers"]), heads=heads,
+        kv_heads=int(c.get("num_key_value_heads", heads)),
+        head_dim=int(c.get("head_dim") or c["hidden_size"] // heads), mlp=int(c["intermediate_size"]),
+        rope_theta=float(theta), qk_norm=qk_norm, qkv_bias=qkv_bias,
+        norm_eps=float(c.get("rms_norm_eps", 1e-6)), dtype=dtype)
+
+
+def vision_config_from_hf(c: Mapping, *, max_side: int = 70, drop_last_layer: bool = True,
+                          dtype: str = "float32") -> VisionConfig:
+    """VisionConfig from a SigLIP vision config; BAGEL drops the last encoder layer."""
+    if c.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        raise ConversionError(f"vit config key hidden_act={c['hidden_act']!r}: expected gelu_pytorch_tanh")
+    return VisionConfig(width=int(c["hidden_size"]),
+                        depth=int(c["num_hidden_layers"]) - int(drop_last_layer),
+                        heads=int(c["num_attention_heads"]), mlp=int(c["intermediate_size"]),
+                        patch=int(c["patch_size"]), channels=int(c.get("num_channels", 3)),
+                        max_side=max_side, norm_eps=float(c.get("layer_norm_eps", 1e-6)), dtype=dtype)
+
+
+# --------------------------------------------------------------------------------------
+# The job.
+
+
+def check_fixed_tables(reader, tables: Sequence[FixedTable], atol: float = 2e-2) -> None:
+    """bfloat16 storage of values in [-1, 1] is exact to ~4e-3; a layout mix-up is O(1)."""
+    for t in tables:
+        if t.src not in reader.keys():
+            raise ConversionError(f"missing keys (1): [{t.src!r}]")
+        if reader.shape(t.src) != t.value.shape:
+            raise ConversionError(f"key {t.src!r} has shape {reader.shape(t.src)}, expected {t.value.shape}")
+        err = float(np.max(np.abs(reader.get(t.src).astype(np.float32) - t.value)))
+        if err > atol:
+            raise ConversionError(f"key {t.src!r} differs from the model's 2-D sin-cos table "
+                                  f"(max abs {err:.3g}): a position-layout mismatch")
+
+
+def convert_model(reader, cfg: ModelConfig, *, init_gen_from_und: bool = False,
+                  dtype=None, **parts) -> dict:
+    """ema.safetensors reader -> UnifiedModel params (nested dict of numpy arrays)."""
+    if "conv_patch" not in parts and cfg.vision is not None:
+        key = f"{VIT}.embeddings.patch_embedding.weight"
+        parts["conv_patch"] = key in reader.keys() and len(reader.shape(key)) == 4
+    rules, copies = model_rules(cfg, init_gen_from_und=init_gen_from_und, **parts)
+    tables = [t for t in fixed_tables(cfg)
+              if (t.src != VIT_TABLE or parts.get("vision", True))
+              and (t.src != LATENT_TABLE or parts.get("gen_heads", True))]
+    check_fixed_tables(reader, tables)
+    return convert(reader, rules, copies, dtype=dtype, ignore=[t.src for t in tables])
+
+
+def convert_vae(reader, cfg: AEConfig, *, dtype=None) -> dict:
+    return convert(reader, vae_rules(cfg), dtype=dtype)
+
+
+def convert_bagel(ema: str, ae: str, out_dir: str, cfg: ModelConfig, ae_cfg: AEConfig, *,
+                  tokenizer: str | None = None, dtype=None, init_gen_from_und: bool = False) -> str:
+    """Writes `out_dir/params` (Orbax, {'model': ..., 'vae': ...}), `out_dir/conversion.json`
+    and a copy of the tokenizer. Returns the params path."""
+    import orbax.checkpoint as ocp
+
+    model = convert_model(Reader([ema]), cfg, init_gen_from_und=init_gen_from_und, dtype=dtype)
+    vae = convert_vae(Reader([ae]), ae_cfg, dtype=dtype)
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "params")
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(path, {"model": model, "vae": vae})
+    ckpt.wait_until_finished()
+    if tokenizer:
+        from strokes_jax.qwen_tokenizer import QwenTokenizer
+        QwenTokenizer.from_file(tokenizer, model_vocab=cfg.vocab_size).save(
+            os.path.join(out_dir, "tokenizer.json"))
+    meta = dict(ema=os.path.abspath(ema), ae=os.path.abspath(ae), tokenizer=tokenizer,
+                dtype=None if dtype is None else str(np.dtype(dtype)),
+                init_gen_from_und=init_gen_from_und, model=_asdict(cfg), vae=dataclasses.asdict(ae_cfg))
+    with open(os.path.join(out_dir, "conversion.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return path
+
+
+def load_converted(out_dir: str) -> dict:
+    import orbax.checkpoint as ocp
+    return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(out_dir), "params"))
+
+
+def _asdict(cfg: ModelConfig) -> dict:
+    d = dataclasses.asdict(cfg)
+    d["latent_grid"] = list(cfg.latent_grid)
+    return d
