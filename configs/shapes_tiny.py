@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         width=128, depth=4, heads=4, kv_heads=4, head_dim=32, mlp=512,
         rope_theta=10000.0, qk_norm=True, qkv_bias=True, norm_eps=1e-6, dtype="float32",
+        scan_layers=False, remat="none", attention="xla",
     ))
 
     c.flow = dict(train_shift=1.0, sample_shift=1.0, sample_steps=20)
@@ -42,10 +43,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-3, warmup_steps=40, total_steps=400, end_lr_factor=0.05,
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, clip_norm=1.0,
+        ema_decay=0.0,  # > 0 keeps an EMA of the weights, used for generation
     ))
 
     c.train = ml_collections.ConfigDict(dict(
         steps=400, log_every=25, eval_every=200, checkpoint_every=200, keep_checkpoints=2,
+        accum_steps=1,  # gradient accumulation: micro-batches per step
+        shard_tolerance=0.25,  # fail if a device holds > (1 + tol) x its share of params
     ))
 
     c.mesh = dict(shape=(-1, 1, 1))
@@ -64,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ("patch", None),
         ("freq", None),
         ("norm", None),
+        ("layers", None),
     )
 
     c.eval = ml_collections.ConfigDict(dict(

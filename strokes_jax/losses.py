@@ -38,32 +38,57 @@ def flow_mse(v_pred, v_target):
     return jnp.mean((v_pred - v_target) ** 2, axis=-1)
 
 
-def _per_stage(values, mask, stages, name, out):
-    for i, s in enumerate(STAGE_NAMES):
-        m = mask & (stages == i)
-        n = jnp.sum(m)
-        out[f"{s}/{name}"] = jnp.sum(jnp.where(m, values, 0.0)) / jnp.maximum(n, 1)
-        out[f"{s}/{name}_tokens"] = n
+IMAGE_STAGES = ("sketch", "refine")  # the only stages that hold images
 
 
-def compose(*, ce, ce_correct, ce_mask, ce_stages, mse, mse_mask, mse_stages,
-            stage_weights: jnp.ndarray, ce_weight: float, mse_weight: float):
-    """Returns (loss, metrics). All per-token arrays are [B, L]."""
+def stage_sums(*, ce, ce_correct, ce_mask, ce_stages, mse, mse_mask, mse_stages,
+               stage_weights: jnp.ndarray) -> dict:
+    """Additive statistics of a (micro-)batch: weighted loss numerators and per-stage sums
+    and counts. Sums of micro-batches equal the sums of the whole batch, which is what makes
+    gradient accumulation exact."""
     w_ce = jnp.where(ce_mask, stage_weights[ce_stages], 0.0)
     w_mse = jnp.where(mse_mask, stage_weights[mse_stages], 0.0)
-    n_ce = jnp.maximum(jnp.sum(ce_mask), 1)
-    n_mse = jnp.maximum(jnp.sum(mse_mask), 1)
-    ce_term = jnp.sum(w_ce * ce) / n_ce
-    mse_term = jnp.sum(w_mse * mse) / n_mse
-    loss = ce_weight * ce_term + mse_weight * mse_term
-    metrics = {"loss": loss, "ce": ce_term, "mse": mse_term,
-               "text_accuracy": jnp.sum(jnp.where(ce_mask, ce_correct, 0)) / n_ce}
-    _per_stage(ce, ce_mask, ce_stages, "ce", metrics)
-    _per_stage(ce_correct.astype(jnp.float32), ce_mask, ce_stages, "accuracy", metrics)
-    _per_stage(mse, mse_mask, mse_stages, "mse", metrics)
-    # Drop per-stage entries that can never be non-zero (no images in prompt/plan/inspect,
-    # no text targets in the prompt under the default layout is still reported).
-    for s in ("prompt", "plan", "inspect"):
-        metrics.pop(f"{s}/mse", None)
-        metrics.pop(f"{s}/mse_tokens", None)
-    return loss, metrics
+    out = {"ce_num": jnp.sum(w_ce * ce), "mse_num": jnp.sum(w_mse * mse),
+           "ce_n": jnp.sum(ce_mask), "mse_n": jnp.sum(mse_mask),
+           "correct": jnp.sum(jnp.where(ce_mask, ce_correct, 0))}
+    for i, s in enumerate(STAGE_NAMES):
+        m = ce_mask & (ce_stages == i)
+        out[f"{s}/ce_sum"] = jnp.sum(jnp.where(m, ce, 0.0))
+        out[f"{s}/correct"] = jnp.sum(jnp.where(m, ce_correct, 0))
+        out[f"{s}/ce_tokens"] = jnp.sum(m)
+        if s in IMAGE_STAGES:
+            m = mse_mask & (mse_stages == i)
+            out[f"{s}/mse_sum"] = jnp.sum(jnp.where(m, mse, 0.0))
+            out[f"{s}/mse_tokens"] = jnp.sum(m)
+    return out
+
+
+def objective(sums: dict, ce_weight: float, mse_weight: float, n_ce, n_mse):
+    """The loss from (micro-)batch sums, normalised by the *whole* batch's token counts."""
+    return (ce_weight * sums["ce_num"] / jnp.maximum(n_ce, 1)
+            + mse_weight * sums["mse_num"] / jnp.maximum(n_mse, 1))
+
+
+def finalize(sums: dict, ce_weight: float, mse_weight: float) -> dict:
+    """Metrics from whole-batch sums."""
+    n_ce, n_mse = jnp.maximum(sums["ce_n"], 1), jnp.maximum(sums["mse_n"], 1)
+    ce_term, mse_term = sums["ce_num"] / n_ce, sums["mse_num"] / n_mse
+    m = {"loss": ce_weight * ce_term + mse_weight * mse_term, "ce": ce_term, "mse": mse_term,
+         "text_accuracy": sums["correct"] / n_ce}
+    for s in STAGE_NAMES:
+        n = sums[f"{s}/ce_tokens"]
+        m[f"{s}/ce"] = sums[f"{s}/ce_sum"] / jnp.maximum(n, 1)
+        m[f"{s}/accuracy"] = sums[f"{s}/correct"] / jnp.maximum(n, 1)
+        m[f"{s}/ce_tokens"] = n
+        if s in IMAGE_STAGES:
+            n = sums[f"{s}/mse_tokens"]
+            m[f"{s}/mse"] = sums[f"{s}/mse_sum"] / jnp.maximum(n, 1)
+            m[f"{s}/mse_tokens"] = n
+    return m
+
+
+def compose(*, stage_weights, ce_weight: float, mse_weight: float, **per_token):
+    """(loss, metrics) of one batch. All per-token arrays are [B, L]."""
+    sums = stage_sums(stage_weights=stage_weights, **per_token)
+    loss = objective(sums, ce_weight, mse_weight, sums["ce_n"], sums["mse_n"])
+    return loss, finalize(sums, ce_weight, mse_weight)

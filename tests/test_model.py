@@ -422,7 +422,9 @@ def loss_grad(model, params, row):
         # compile for every weighting.
         lc = train_step.LossConfig(stage_weights=sw, ce_weight=ce_w, mse_weight=mse_w, shift=1.0)
         f = functools.partial(train_step.loss_fn, model=model, lc=lc)
-        return jax.value_and_grad(f, has_aux=True)(params, batch, jax.random.PRNGKey(3))
+        (loss, sums), grads = jax.value_and_grad(f, has_aux=True)(params, batch,
+                                                                  jax.random.PRNGKey(3))
+        return (loss, losses.finalize(sums, ce_w, mse_w)), grads
 
     def call(weights, ce_w=0.25, mse_w=1.0, b=None):
         sw = losses.stage_weight_vector(weights)

@@ -10,7 +10,7 @@ from strokes_jax.generate import Generator
 
 
 def make_generator(setup, config, seed: int = 0) -> Generator:
-    return Generator(setup.model, setup.state.params, setup.etok, max_len=config.data.seq_len,
+    return Generator(setup.model, setup.state.eval_params(), setup.etok, max_len=config.data.seq_len,
                      flow_steps=config.flow["sample_steps"], shift=config.flow["sample_shift"],
                      max_iterations=config.eval.max_iterations,
                      max_text_tokens=config.eval.max_text_tokens, seed=seed)

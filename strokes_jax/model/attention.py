@@ -30,6 +30,27 @@ def generalized_causal_mask(segment_ids: jax.Array, blocks: jax.Array, types: ja
     return (same_seg & (causal | same_block)) | self_only
 
 
+IMPLEMENTATIONS = ("xla", "dot_product", "cudnn")
+
+
+def attend(q, k, v, mask, implementation: str = "xla"):
+    """Attention with the generalized mask.
+
+    xla: the einsum below (any backend). dot_product: `jax.nn.dot_product_attention`, which
+    XLA lowers per backend. cudnn: the cuDNN fused kernel (GPU only); our mask is
+    data-dependent (blocks, noisy copies), which is neither causal nor segment-only, so it
+    is passed as an additive bias. Pallas flash/splash kernels take only causal + segment
+    masks and are not wired in for that reason."""
+    if implementation == "xla":
+        return dot_product_attention(q, k, v, mask)
+    if implementation == "dot_product":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :])
+    if implementation == "cudnn":
+        bias = jnp.where(mask[:, None, :, :], 0.0, -1e9).astype(q.dtype)
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
+    raise ValueError(f"unknown attention implementation {implementation!r}; expected {IMPLEMENTATIONS}")
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """q: [B, Lq, H, D]; k, v: [B, Lk, KV, D] (grouped-query when KV < H); mask [B, Lq, Lk].
     Softmax in float32."""

@@ -30,11 +30,32 @@ class DecoderConfig:
     qk_norm: bool = True
     qkv_bias: bool = True
     norm_eps: float = 1e-6
-    dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    scan_layers: bool = False  # nn.scan over the stack: one compiled layer, stacked params
+    remat: str = "none"  # none | full | dots | dots_no_batch (what backward may keep)
+    attention: str = "xla"  # xla | dot_product | cudnn (see attention.attend)
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"config key model.remat: {self.remat!r} not in {sorted(REMAT_POLICIES)}")
+        if self.attention not in attention.IMPLEMENTATIONS:
+            raise ValueError(f"config key model.attention: {self.attention!r} not in "
+                             f"{attention.IMPLEMENTATIONS}")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"config key model.heads ({self.heads}) must be a multiple of "
+                             f"model.kv_heads ({self.kv_heads})")
 
     @property
     def jdtype(self):
         return jnp.dtype(self.dtype)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
 
 
 def _routed(make, x, is_gen):
@@ -64,7 +85,7 @@ class MoTBlock(nn.Module):
             q = _routed(lambda tag: RMSNorm(c.norm_eps, "head_dim", dt, name=f"q_norm_{tag}"), q, is_gen)
             k = _routed(lambda tag: RMSNorm(c.norm_eps, "head_dim", dt, name=f"k_norm_{tag}"), k, is_gen)
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
-        a = attention.dot_product_attention(q, k, v, mask)
+        a = attention.attend(q, k, v, mask, c.attention)
         a = a.reshape(a.shape[:2] + (c.heads * c.head_dim,))
         o = _routed(lambda tag: DenseGeneral((c.width,), ("qkv", "embed"), dtype=dt,
                                              name=f"o_{tag}"), a, is_gen)
@@ -83,12 +104,56 @@ class MoTBlock(nn.Module):
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
 
+class _ScannedBlock(nn.Module):
+    """MoTBlock in nn.scan's (carry, *broadcast) -> (carry, out) form."""
+
+    cfg: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, is_gen, positions, mask):
+        block = _maybe_remat(MoTBlock, self.cfg, scanned=True)
+        return block(self.cfg, name="block")(x, is_gen, positions, mask), None
+
+
+def _maybe_remat(cls, cfg: DecoderConfig, scanned: bool):
+    if cfg.remat == "none":
+        return cls
+    # Inside scan, CSE cannot merge the recomputation with the forward pass anyway.
+    return nn.remat(cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not scanned)
+
+
 class MoTDecoder(nn.Module):
     cfg: DecoderConfig
 
     @nn.compact
     def __call__(self, x, is_gen, positions, mask):
-        for i in range(self.cfg.depth):
-            x = MoTBlock(self.cfg, name=f"layer_{i}")(x, is_gen, positions, mask)
-        return _routed(lambda tag: RMSNorm(self.cfg.norm_eps, "embed", self.cfg.jdtype,
+        c = self.cfg
+        if c.scan_layers:
+            stack = nn.scan(_ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.depth,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, _ = stack(c, name="layers")(x, is_gen, positions, mask)
+        else:
+            block = _maybe_remat(MoTBlock, c, scanned=False)
+            for i in range(c.depth):
+                x = block(c, name=f"layer_{i}")(x, is_gen, positions, mask)
+        return _routed(lambda tag: RMSNorm(c.norm_eps, "embed", c.jdtype,
                                            name=f"final_norm_{tag}"), x, is_gen)
+
+
+def stack_layers(decoder_params: dict, depth: int) -> dict:
+    """Unscanned decoder params (layer_0 .. layer_{depth-1}) -> the scanned layout
+    (layers/block/..., each leaf stacked on a leading axis). The converter writes unscanned."""
+    layers = [decoder_params[f"layer_{i}"] for i in range(depth)]
+    out = {k: v for k, v in decoder_params.items() if not k.startswith("layer_")}
+    out["layers"] = {"block": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)}
+    return out
+
+
+def unstack_layers(decoder_params: dict) -> dict:
+    stacked = decoder_params["layers"]["block"]
+    depth = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in decoder_params.items() if k != "layers"}
+    for i in range(depth):
+        out[f"layer_{i}"] = jax.tree_util.tree_map(lambda x: x[i], stacked)
+    return out

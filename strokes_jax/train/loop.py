@@ -56,11 +56,15 @@ def model_config(config, etok: tk.EpisodeTokenizer) -> ModelConfig:
 
 
 def setup(config) -> Setup:
+    """Validate the config against the mesh, then create the state already sharded."""
     etok = episode_tokenizer(config)
     model = UnifiedModel(model_config(config, etok))
     mesh = shd.make_mesh(config.mesh["shape"])
+    shd.check_batch(config.data.batch_size, mesh, config.train.accum_steps, jax.process_count())
     tx = st.make_optimizer(config.optim)
-    state, shardings = st.create_state(model, tx, mesh, config.rules, config.seed, etok.patch_dim)
+    state, shardings = st.create_state(model, tx, mesh, config.rules, config.seed, etok.patch_dim,
+                                       ema=config.optim.ema_decay > 0)
+    shd.check_sufficiently_sharded(state.params, mesh, config.train.shard_tolerance)
     return Setup(config, etok, model, mesh, tx, state, shardings)
 
 
@@ -133,19 +137,19 @@ def train(config, workdir: str, sources=None) -> tuple[Setup, dict]:
     train_src, eval_src = sources if sources is not None else prepare_data(config, workdir)
     s = setup(config)
     lc = sp.LossConfig.from_config(config)
-    train_step, eval_step = sp.jit_steps(s.model, s.tx, lc, s.mesh, s.shardings)
+    train_step, eval_step = sp.jit_steps(s.model, s.tx, lc, s.mesh, s.shardings,
+                                         accum_steps=config.train.accum_steps,
+                                         ema_decay=config.optim.ema_decay)
     tc = config.train
     mgr = ckpt.manager(workdir, keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
     skips = pipeline.SkipCounter(max_skip_fraction=config.data.max_skip_fraction)
     it = pipeline.make_train_iter(train_src, s.etok, seq_len=config.data.seq_len,
                                   global_batch_size=config.data.batch_size,
                                   seed=config.data.shuffle_buffer_seed, skips=skips)
-    restored = ckpt.restore_latest(mgr, s.state, s.shardings)
+    restored = ckpt.restore_latest(mgr, s.state, s.shardings, it)
     start = 0
     if restored is not None:
-        start, s.state, data_state = restored
-        if data_state is not None:
-            it.set_state(data_state)
+        start, s.state = restored
         logging.info("resumed from step %d", start)
     writer = metric_writers.create_default_writer(
         os.path.join(workdir, "tb"), just_logging=jax.process_index() > 0)
@@ -179,7 +183,7 @@ def train(config, workdir: str, sources=None) -> tuple[Setup, dict]:
                       f"({time.time() - t0:.0f}s)", flush=True)
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 writer.write_scalars(step, evaluate_loss(s, eval_step, eval_src, config))
-            ckpt.save(mgr, step, s.state, it.get_state(), force=step == tc.steps or pre.requested)
+            ckpt.save(mgr, step, s.state, it, force=step == tc.steps or pre.requested)
             if pre.requested:
                 logging.warning("SIGTERM: saved step %d, stopping", step)
                 break
@@ -198,5 +202,5 @@ def restore_for_eval(config, workdir: str) -> tuple[Setup, dict]:
     restored = ckpt.restore_latest(mgr, s.state, s.shardings)
     if restored is None:
         raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
-    step, s.state, _ = restored
+    step, s.state = restored
     return s, {"params": st.param_count(s.state.params), "start_step": step, "end_step": step}

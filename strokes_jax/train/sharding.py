@@ -59,3 +59,54 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def check_divisible(abstract_state, mesh: Mesh, rules) -> None:
+    """Every sharded dimension must split evenly over its mesh axes; fail before compiling,
+    naming the parameter, its logical axis and the `rules` entry that maps it."""
+    rules = rules_tuple(rules)
+    boxed = jax.tree_util.tree_flatten_with_path(
+        abstract_state, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))[0]
+    for path, leaf in boxed:
+        if not isinstance(leaf, nn.LogicallyPartitioned):
+            continue
+        spec = nn.logical_to_mesh_axes(leaf.names, rules)
+        for dim, logical, axes in zip(leaf.value.shape, leaf.names, spec):
+            axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+            n = int(np.prod([mesh.shape[a] for a in axes]))
+            if dim % n:
+                raise ValueError(
+                    f"parameter {jax.tree_util.keystr(path)} has {logical!r} dimension {dim}, "
+                    f"not divisible by mesh axes {axes} of size {n}: change config key `rules` "
+                    f"for {logical!r} or `mesh.shape`")
+
+
+def check_batch(batch_size: int, mesh: Mesh, accum_steps: int, process_count: int) -> None:
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch_size % (shards * accum_steps) or batch_size % process_count:
+        raise ValueError(f"config key data.batch_size ({batch_size}) must be a multiple of "
+                         f"mesh data x fsdp ({shards}) x train.accum_steps ({accum_steps}) "
+                         f"and of the process count ({process_count})")
+
+
+def sharded_fraction(params, mesh: Mesh) -> float:
+    """Bytes of parameters on the fullest device over an ideal 1/(fsdp x tensor) share."""
+    total, per_device = 0, {}
+    for x in jax.tree_util.tree_leaves(params):
+        total += x.nbytes
+        for sh in x.addressable_shards:
+            per_device[sh.device] = per_device.get(sh.device, 0) + sh.data.nbytes
+    ideal = total / (mesh.shape["fsdp"] * mesh.shape["tensor"])
+    return max(per_device.values()) / ideal
+
+
+def check_sufficiently_sharded(params, mesh: Mesh, tolerance: float) -> float:
+    """MaxText's guard: a run whose parameters are mostly replicated over fsdp/tensor fails
+    (it would waste memory silently). Returns the measured ratio (1.0 = perfectly split)."""
+    ratio = sharded_fraction(params, mesh)
+    if ratio > 1.0 + tolerance:
+        raise ValueError(
+            f"parameters are not sharded enough: the fullest device holds {ratio:.2f}x its "
+            f"ideal 1/(fsdp x tensor) share (tolerance {tolerance}); check config key `rules` "
+            f"against mesh.shape {dict(mesh.shape)}")
+    return ratio

@@ -22,6 +22,11 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array  # base key; per-step keys are fold_in(rng, step), so resumes are exact
+    ema_params: Any = None  # exponential moving average of params, when optim.ema_decay > 0
+
+    def eval_params(self):
+        """The weights to generate with: the EMA when kept, else the live params."""
+        return self.params if self.ema_params is None else self.ema_params
 
 
 def make_optimizer(cfg) -> optax.GradientTransformation:
@@ -41,7 +46,8 @@ def dummy_inputs(batch: int, length: int, patch_dim: int):
                 timesteps=jnp.zeros((batch, length), jnp.float32))
 
 
-def create_state(model: UnifiedModel, tx, mesh, rules, seed: int, patch_dim: int):
+def create_state(model: UnifiedModel, tx, mesh, rules, seed: int, patch_dim: int,
+                 ema: bool = False):
     """Returns (state, state_shardings), with every array created on its final shards.
 
     init builds boxed (logically partitioned) params; their axis names give the shardings,
@@ -51,10 +57,12 @@ def create_state(model: UnifiedModel, tx, mesh, rules, seed: int, patch_dim: int
         params_rng, state_rng = jax.random.split(rng)
         params = model.init(params_rng, **dummy_inputs(1, 8, patch_dim))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), rng=state_rng)
+                          opt_state=tx.init(params), rng=state_rng,
+                          ema_params=params if ema else None)
 
     rng = jax.random.PRNGKey(seed)
     abstract = jax.eval_shape(init, rng)
+    shd.check_divisible(abstract, mesh, rules)
     shardings = shd.state_shardings(abstract, mesh, rules)
     with jax.set_mesh(mesh):
         state = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)

@@ -8,6 +8,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from strokes_jax import flow, losses
 from strokes_jax.model.unified import UnifiedModel
@@ -51,44 +52,92 @@ def noised_inputs(batch, rng, shift: float):
     return xt, t, flow.velocity_target(x0, noise)
 
 
-def loss_fn(params, batch, rng, *, model: UnifiedModel, lc: LossConfig):
-    xt, t, v_target = noised_inputs(batch, rng, lc.shift)
+def _per_token(params, batch, noised, model):
+    xt, t, v_target = noised
     logits, v = model.apply({"params": params}, batch["tokens"], batch["types"],
                             batch["positions"], batch["segment_ids"], batch["blocks"],
                             batch["patch_pos"], xt, t)
     ce, correct = losses.text_ce(logits, batch["targets"])
-    mse = losses.flow_mse(v, v_target)
     valid = batch["segment_ids"] > 0
-    return losses.compose(
-        ce=ce, ce_correct=correct, ce_mask=valid & (batch["targets"] > 0),
-        ce_stages=batch["target_stages"], mse=mse,
-        mse_mask=valid & (batch["types"] == NOISY), mse_stages=batch["stages"],
-        stage_weights=jnp.asarray(lc.stage_weights), ce_weight=lc.ce_weight,
-        mse_weight=lc.mse_weight)
+    return dict(ce=ce, ce_correct=correct, ce_mask=valid & (batch["targets"] > 0),
+                ce_stages=batch["target_stages"], mse=losses.flow_mse(v, v_target),
+                mse_mask=valid & (batch["types"] == NOISY), mse_stages=batch["stages"])
 
 
-def train_step(state, batch, *, model, tx, lc: LossConfig):
+def token_counts(batch):
+    valid = batch["segment_ids"] > 0
+    return jnp.sum(valid & (batch["targets"] > 0)), jnp.sum(valid & (batch["types"] == NOISY))
+
+
+def loss_fn(params, batch, rng, *, model: UnifiedModel, lc: LossConfig, noised=None, norms=None):
+    """(loss, sums) of a (micro-)batch. `noised` (x_t, t, v) defaults to fresh draws from
+    `rng`; `norms` (CE tokens, MSE tokens) default to this batch's own counts, and are the
+    whole batch's counts when this is one micro-batch of it."""
+    noised = noised_inputs(batch, rng, lc.shift) if noised is None else noised
+    sums = losses.stage_sums(stage_weights=jnp.asarray(lc.stage_weights),
+                             **_per_token(params, batch, noised, model))
+    n_ce, n_mse = (sums["ce_n"], sums["mse_n"]) if norms is None else norms
+    return losses.objective(sums, lc.ce_weight, lc.mse_weight, n_ce, n_mse), sums
+
+
+def _split(tree, k: int):
+    return jax.tree_util.tree_map(lambda x: x.reshape((k, x.shape[0] // k) + x.shape[1:]), tree)
+
+
+def grads_and_sums(params, batch, rng, *, model, lc: LossConfig, accum_steps: int = 1):
+    """Gradients and loss statistics of the whole batch. With accum_steps = k the batch is
+    split into k micro-batches run one after another (lax.scan), each normalised by the
+    whole batch's token counts and using its slice of the whole batch's noise, so the result
+    equals the one-shot large-batch step up to float summation order."""
+    grad_fn = jax.grad(loss_fn, has_aux=True)
+    if accum_steps == 1:
+        return grad_fn(params, batch, rng, model=model, lc=lc)
+    noised = noised_inputs(batch, rng, lc.shift)
+    norms = token_counts(batch)
+    micro = _split((batch, noised), accum_steps)
+
+    def body(acc, mb):
+        b, nz = mb
+        g, sums = grad_fn(params, b, None, model=model, lc=lc, noised=nz, norms=norms)
+        return jax.tree_util.tree_map(jnp.add, acc, (g, sums)), None
+
+    one = jax.tree_util.tree_map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(lambda mb: grad_fn(params, mb[0], None, model=model, lc=lc,
+                                                noised=mb[1], norms=norms), one)
+    zeros = jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+    return grads, sums
+
+
+def train_step(state, batch, *, model, tx, lc: LossConfig, accum_steps: int = 1,
+               ema_decay: float = 0.0):
     rng = jax.random.fold_in(state.rng, state.step)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, metrics), grads = grad_fn(state.params, batch, rng, model=model, lc=lc)
+    grads, sums = grads_and_sums(state.params, batch, rng, model=model, lc=lc,
+                                 accum_steps=accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
-    metrics["grad_norm"] = jax.tree_util.tree_reduce(
-        lambda a, g: a + jnp.sum(jnp.square(g)), grads, 0.0) ** 0.5
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    params = optax.apply_updates(state.params, updates)
+    metrics = losses.finalize(sums, lc.ce_weight, lc.mse_weight)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if ema_decay:
+        new = new.replace(ema_params=jax.tree_util.tree_map(
+            lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, state.ema_params, params))
+    return new, metrics
 
 
 def eval_step(state, batch, *, model, lc: LossConfig):
     rng = jax.random.fold_in(state.rng, 2**31 - 1)  # fixed noise: eval losses are comparable
-    _, metrics = loss_fn(state.params, batch, rng, model=model, lc=lc)
-    return metrics
+    _, sums = loss_fn(state.params, batch, rng, model=model, lc=lc)
+    return losses.finalize(sums, lc.ce_weight, lc.mse_weight)
 
 
-def jit_steps(model, tx, lc: LossConfig, mesh, state_shardings):
+def jit_steps(model, tx, lc: LossConfig, mesh, state_shardings, *, accum_steps: int = 1,
+              ema_decay: float = 0.0):
     """The sharded, jitted train and eval steps (state donated in training)."""
     bs, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
     batch_sh = {k: bs for k in BATCH_KEYS}
-    train = jax.jit(functools.partial(train_step, model=model, tx=tx, lc=lc),
+    train = jax.jit(functools.partial(train_step, model=model, tx=tx, lc=lc,
+                                      accum_steps=accum_steps, ema_decay=ema_decay),
                     in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, rep),
                     donate_argnums=(0,))
     evaluate = jax.jit(functools.partial(eval_step, model=model, lc=lc),
