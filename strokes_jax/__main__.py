@@ -5,6 +5,7 @@ Commands:
   build-data  write the shapes episodes (TFDS, ArrayRecord) into the data dir
   train       train or resume in --workdir
   evaluate    load the newest checkpoint in --workdir, generate both ways, score, report
+  bench       time training steps of --config on synthetic batches; JSON into --workdir
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "ml_collections confi
 flags.DEFINE_string("workdir", "runs/shapes_tiny", "where data, checkpoints, logs and the report go")
 
 FLAGS = flags.FLAGS
-COMMANDS = ("demo", "build-data", "train", "evaluate")
+COMMANDS = ("demo", "build-data", "train", "evaluate", "bench")
 
 
 def _print_summary(payload: dict) -> None:
@@ -47,6 +48,11 @@ def main(argv):
     from strokes_jax.evaluate import job
 
     t0 = time.time()
+    if cmd == "bench":
+        from strokes_jax import bench
+        out = bench.run(config, config_name, workdir)
+        print(json.dumps(out, indent=1))
+        return
     if cmd == "build-data":
         loop.prepare_data(config, workdir)
         return

@@ -8,7 +8,6 @@ Run with -s to see the measured errors.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 from strokes_jax.convert import bagel  # noqa: E402
 from strokes_jax.convert.keymap import Reader, convert  # noqa: E402
+from strokes_jax.model.layers import sincos_2d  # noqa: E402
 from strokes_jax.model.vision import SiglipViT, VisionTower, patch_positions  # noqa: E402
 from strokes_jax.tokenizer import patchify  # noqa: E402
 
@@ -65,8 +65,10 @@ def setup(tmp_path_factory):
     vcfg = bagel.vision_config_from_hf(hf_cfg.to_dict(), max_side=SIDE)
     assert vcfg.depth == LAYERS - 1
     reader = Reader([str(path)])
-    table = bagel.FixedTable(bagel.VIT_TABLE, mae_sincos_2d(SIDE, LLM_WIDTH))
+    # The stored (MAE-formula) table must equal the one our model computes.
+    table = bagel.FixedTable(bagel.VIT_TABLE, sincos_2d(SIDE, SIDE, LLM_WIDTH))
     bagel.check_fixed_tables(reader, [table])
+    np.testing.assert_allclose(mae_sincos_2d(SIDE, LLM_WIDTH), table.value, atol=1e-6)
     params = convert(reader, bagel.vision_rules(vcfg, LLM_WIDTH, prefix=()), ignore=[table.src])
     images = np.random.default_rng(0).uniform(-1, 1, (2, 3, P * SIDE, P * SIDE)).astype(np.float32)
     with torch.no_grad():

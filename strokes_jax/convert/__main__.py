@@ -1,7 +1,7 @@
 """`python -m strokes_jax.convert <command>`:
 
   bagel   --ema ema.safetensors --ae ae.safetensors --out DIR [--tokenizer tokenizer.json]
-          [--config configs/bagel7b_process.py[:variant]] [--dtype bfloat16|float32|keep]
+          [--config configs/bagel7b_process.py[:variant]] [--dtype float32|bfloat16|keep]
           [--init_gen_from_und]
           BAGEL-7B-MoT safetensors -> DIR/params (Orbax {'model', 'vae'}) + conversion.json
   params  [--config ...]   parameter counts of the config's model from jax.eval_shape
@@ -44,7 +44,9 @@ def main(argv=None) -> int:
     b.add_argument("--out", required=True)
     b.add_argument("--tokenizer", default="")
     b.add_argument("--config", default=DEFAULT_CONFIG)
-    b.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32", "keep"))
+    # float32 by default: the model keeps float32 params (compute dtype is separate); `keep`
+    # stores the checkpoint's own bfloat16 at half the disk.
+    b.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "keep"))
     b.add_argument("--init_gen_from_und", action="store_true")
     p = sub.add_parser("params")
     p.add_argument("--config", default=DEFAULT_CONFIG)

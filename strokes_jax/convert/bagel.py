@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from strokes_jax.convert.keymap import (
-    CONV2D, CONV1X1_TO_LINEAR, IDENTITY, LINEAR, ConversionError, Copy, Reader, Rule,
+    CONV2D, CONV1X1_TO_LINEAR, LINEAR, ConversionError, Copy, Reader, Rule,
     bias_to_heads, conv_patch_to_linear, convert, linear_to_heads)
 from strokes_jax.model.layers import sincos_2d
 from strokes_jax.model.mot import DecoderConfig
@@ -273,9 +273,24 @@ def check_fixed_tables(reader, tables: Sequence[FixedTable], atol: float = 2e-2)
                                   f"(max abs {err:.3g}): a position-layout mismatch")
 
 
+def decoder_stacking(cfg: ModelConfig):
+    """With `scan_layers`, decoder/layer_{i}/... lands at index i of decoder/layers/block/...
+    (nn.scan's layout, see model/mot.py); None for the unscanned layout."""
+    depth = cfg.decoder.depth
+    if not getattr(cfg.decoder, "scan_layers", False):
+        return None
+
+    def where(path):
+        if len(path) > 2 and path[0] == "decoder" and path[1].startswith("layer_"):
+            return ("decoder", "layers", "block") + tuple(path[2:]), int(path[1][6:]), depth
+        return None
+    return where
+
+
 def convert_model(reader, cfg: ModelConfig, *, init_gen_from_und: bool = False,
                   dtype=None, **parts) -> dict:
-    """ema.safetensors reader -> UnifiedModel params (nested dict of numpy arrays)."""
+    """ema.safetensors reader -> UnifiedModel params (nested dict of numpy arrays), in the
+    scanned layout when the config scans the decoder."""
     if "conv_patch" not in parts and cfg.vision is not None:
         key = f"{VIT}.embeddings.patch_embedding.weight"
         parts["conv_patch"] = key in reader.keys() and len(reader.shape(key)) == 4
@@ -284,7 +299,8 @@ def convert_model(reader, cfg: ModelConfig, *, init_gen_from_und: bool = False,
               if (t.src != VIT_TABLE or parts.get("vision", True))
               and (t.src != LATENT_TABLE or parts.get("gen_heads", True))]
     check_fixed_tables(reader, tables)
-    return convert(reader, rules, copies, dtype=dtype, ignore=[t.src for t in tables])
+    return convert(reader, rules, copies, dtype=dtype, ignore=[t.src for t in tables],
+                   stacking=decoder_stacking(cfg))
 
 
 def convert_vae(reader, cfg: AEConfig, *, dtype=None) -> dict:

@@ -185,11 +185,37 @@ def check(reader, rules: Sequence[Rule], ignore: Iterable[str] = ()) -> None:
         raise ConversionError("checkpoint does not match the key map:\n  " + "\n  ".join(problems))
 
 
+# Where a param lands in a stacked (scanned) layout: (stacked path, index, stack length), or
+# None to keep the path as is.
+Stacking = Callable[[Path], "tuple[Path, int, int] | None"]
+
+
+def _put(out: dict, path: Path, x: np.ndarray, stacking: Stacking | None) -> None:
+    where = stacking(path) if stacking is not None else None
+    if where is None:
+        _set(out, path, x)
+        return
+    spath, i, n = where
+    try:
+        buf = _get(out, spath)
+    except KeyError:  # first layer seen: allocate the whole stack once
+        buf = np.empty((n,) + x.shape, x.dtype)
+        _set(out, spath, buf)
+    buf[i] = x
+
+
+def _fetch(out: Mapping, path: Path, stacking: Stacking | None) -> np.ndarray:
+    where = stacking(path) if stacking is not None else None
+    return _get(out, path) if where is None else _get(out, where[0])[where[1]]
+
+
 def convert(reader, rules: Sequence[Rule], copies: Sequence[Copy] = (), *, dtype=None,
-            ignore: Iterable[str] = (), on_tensor: Callable[[Rule, np.ndarray], None] | None = None
-            ) -> dict:
+            ignore: Iterable[str] = (), stacking: Stacking | None = None,
+            on_tensor: Callable[[Rule, np.ndarray], None] | None = None) -> dict:
     """Source tensors -> nested dict of Flax params. Reads one tensor at a time, transforms it
-    and stores only the result, so peak host memory is the output plus one source tensor.
+    and stores only the result, so peak host memory is the output plus one source tensor; with
+    `stacking`, per-layer params are written straight into pre-allocated stacked arrays (the
+    scanned layout) instead of being stacked afterwards, which would briefly hold two copies.
     `dtype` casts each param (None keeps the source dtype, e.g. bfloat16)."""
     check(reader, rules, ignore)
     out: dict = {}
@@ -201,19 +227,20 @@ def convert(reader, rules: Sequence[Rule], copies: Sequence[Copy] = (), *, dtype
         x = np.ascontiguousarray(x if dtype is None else x.astype(dtype))
         if on_tensor is not None:
             on_tensor(r, x)
-        _set(out, r.dst, x)
+        _put(out, r.dst, x, stacking)
     for c in copies:
-        _set(out, c.dst, np.array(_get(out, c.from_dst)))
+        _put(out, c.dst, np.array(_fetch(out, c.from_dst, stacking)), stacking)
     return out
 
 
-def export(params: Mapping, rules: Sequence[Rule]) -> dict[str, np.ndarray]:
+def export(params: Mapping, rules: Sequence[Rule], stacking: Stacking | None = None
+           ) -> dict[str, np.ndarray]:
     """Flax params -> source-named tensors through the inverse transforms (the map's inverse);
     every param the rules name must exist."""
     out = {}
     for r in rules:
         try:
-            y = np.asarray(_get(params, r.dst))
+            y = np.asarray(_fetch(params, r.dst, stacking))
         except KeyError as e:
             raise ConversionError(f"param {'/'.join(r.dst)} (for {r.src!r}) is missing") from e
         if y.shape != r.flax_shape:
@@ -233,13 +260,19 @@ def flat_paths(tree: Mapping, prefix: Path = ()) -> dict[Path, object]:
     return out
 
 
-def check_covers(abstract_params: Mapping, rules: Sequence[Rule], copies: Sequence[Copy] = ()
-                 ) -> None:
+def check_covers(abstract_params: Mapping, rules: Sequence[Rule], copies: Sequence[Copy] = (),
+                 stacking: Stacking | None = None) -> None:
     """The map fills exactly the model's params with the model's shapes (catches a key map
     drifting from the Flax modules)."""
     want = {p: tuple(v.shape) for p, v in flat_paths(abstract_params).items()}
     got = {r.dst: r.flax_shape for r in rules}
     got.update({c.dst: got.get(c.from_dst) for c in copies})
+    if stacking is not None:
+        stacked = {}
+        for p, shape in got.items():
+            where = stacking(p)
+            stacked[p if where is None else where[0]] = shape if where is None else (where[2],) + shape
+        got = stacked
     problems = [f"param {'/'.join(p)} is not produced by the key map" for p in sorted(set(want) - set(got))]
     problems += [f"key map writes {'/'.join(p)}, which the model does not have"
                  for p in sorted(set(got) - set(want))]

@@ -370,3 +370,23 @@ def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh,
     sharding = NamedSharding(mesh, P(data_axes))
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
+
+
+class RowSlice(grain.DatasetIterator):
+    """This process's rows of each global batch from a full (single-process) iterator; its
+    state is the wrapped iterator's, so Grain's per-process checkpoint files stay valid."""
+
+    def __init__(self, parent: grain.DatasetIterator, process_index: int, process_count: int):
+        super().__init__()
+        self._it, self._pi, self._pc = parent, process_index, process_count
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._it)
+        n = len(batch["tokens"]) // self._pc
+        return {k: v[self._pi * n:(self._pi + 1) * n] for k, v in batch.items()}
+
+    def get_state(self):
+        return self._it.get_state()
+
+    def set_state(self, state):
+        self._it.set_state(state)

@@ -36,13 +36,12 @@ def abstract_vae_params(cfg: AEConfig):
 
 def param_counts(cfg: ModelConfig, ae_cfg: AEConfig | None = None) -> dict[str, int]:
     p = abstract_params(cfg)
-    dec = p["decoder"]
-    und = _size({k: v for k, v in dec.items() if k.endswith("_und")})
-    und += _size({k: {n: w for n, w in v.items() if n.endswith("_und")}
-                  for k, v in dec.items() if k.startswith("layer_")})
-    gen = _size({k: v for k, v in dec.items() if k.endswith("_gen")})
-    gen += _size({k: {n: w for n, w in v.items() if n.endswith("_gen")}
-                  for k, v in dec.items() if k.startswith("layer_")})
+    # Each decoder leaf belongs to one expert by its module name (q_und, final_norm_gen, ...),
+    # in the unscanned (layer_i/...) and the scanned (layers/block/...) layout alike.
+    leaves = jax.tree_util.tree_flatten_with_path(p["decoder"])[0]
+    expert = lambda path, tag: any(str(getattr(k, "key", k)).endswith(tag) for k in path)
+    und = sum(int(np.prod(x.shape)) for path, x in leaves if expert(path, "_und"))
+    gen = sum(int(np.prod(x.shape)) for path, x in leaves if expert(path, "_gen"))
     shared = _size(p["embed"]) + _size(p["lm_head"])
     heads = sum(_size(p[k]) for k in ("vae2llm", "llm2vae", "time_embedder"))
     vision = _size(p.get("vision", {}))

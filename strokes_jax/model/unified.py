@@ -24,7 +24,7 @@ from strokes_jax.model import attention
 from strokes_jax.model.layers import DenseGeneral, TimestepEmbedder, param_with_axes, sincos_2d
 from strokes_jax.model.mot import DecoderConfig, MoTDecoder
 from strokes_jax.model.vision import VisionConfig, VisionTower
-from strokes_jax.tokenizer import CLEAN, NOISY, TEXT
+from strokes_jax.tokenizer import CLEAN, NOISY
 
 # Token type of ViT patch tokens (understanding expert); TEXT/NOISY/CLEAN are in tokenizer.py.
 VIT = 3

@@ -55,11 +55,11 @@ def model_config(config, etok: tk.EpisodeTokenizer) -> ModelConfig:
                                     "patch_dim": etok.patch_dim, "latent_grid": (grid, grid)})
 
 
-def setup(config) -> Setup:
+def setup(config, devices=None) -> Setup:
     """Validate the config against the mesh, then create the state already sharded."""
     etok = episode_tokenizer(config)
     model = UnifiedModel(model_config(config, etok))
-    mesh = shd.make_mesh(config.mesh["shape"])
+    mesh = shd.make_mesh(config.mesh["shape"], devices)
     shd.check_batch(config.data.batch_size, mesh, config.train.accum_steps, jax.process_count())
     tx = st.make_optimizer(config.optim)
     state, shardings = st.create_state(model, tx, mesh, config.rules, config.seed, etok.patch_dim,
@@ -131,11 +131,32 @@ def _batch(b, mesh):
     return pipeline.to_global({k: b[k] for k in sp.BATCH_KEYS}, mesh)
 
 
-def train(config, workdir: str, sources=None) -> tuple[Setup, dict]:
+def train_iterator(config, etok, source, skips):
+    """The input iterator for this process.
+
+    data.process_split = 'records': each process reads its own shard of the records
+    (scalable). 'rows': every process runs the whole single-process pipeline and keeps its
+    rows of each global batch, so the global batches are identical for any process count
+    (exact multi-host reproducibility checks; every host decodes everything)."""
+    d = config.data
+    split = d.get("process_split", "records")
+    if split == "records":
+        return pipeline.make_train_iter(source, etok, seq_len=d.seq_len,
+                                        global_batch_size=d.batch_size,
+                                        seed=d.shuffle_buffer_seed, skips=skips)
+    if split != "rows":
+        raise ValueError(f"config key data.process_split: {split!r} not in ('records', 'rows')")
+    it = pipeline.make_train_iter(source, etok, seq_len=d.seq_len, global_batch_size=d.batch_size,
+                                  seed=d.shuffle_buffer_seed, skips=skips, process_index=0,
+                                  process_count=1)
+    return pipeline.RowSlice(it, jax.process_index(), jax.process_count())
+
+
+def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict]:
     """Train (or resume) in `workdir`; returns the final Setup and a summary dict."""
     os.makedirs(workdir, exist_ok=True)
     train_src, eval_src = sources if sources is not None else prepare_data(config, workdir)
-    s = setup(config)
+    s = setup(config, devices)
     lc = sp.LossConfig.from_config(config)
     train_step, eval_step = sp.jit_steps(s.model, s.tx, lc, s.mesh, s.shardings,
                                          accum_steps=config.train.accum_steps,
@@ -143,9 +164,7 @@ def train(config, workdir: str, sources=None) -> tuple[Setup, dict]:
     tc = config.train
     mgr = ckpt.manager(workdir, keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
     skips = pipeline.SkipCounter(max_skip_fraction=config.data.max_skip_fraction)
-    it = pipeline.make_train_iter(train_src, s.etok, seq_len=config.data.seq_len,
-                                  global_batch_size=config.data.batch_size,
-                                  seed=config.data.shuffle_buffer_seed, skips=skips)
+    it = train_iterator(config, s.etok, train_src, skips)
     restored = ckpt.restore_latest(mgr, s.state, s.shardings, it)
     start = 0
     if restored is not None:

@@ -117,7 +117,7 @@ def train_step(state, batch, *, model, tx, lc: LossConfig, accum_steps: int = 1,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = losses.finalize(sums, lc.ce_weight, lc.mse_weight)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     if ema_decay:
         new = new.replace(ema_params=jax.tree_util.tree_map(

@@ -1,0 +1,133 @@
+"""Training-throughput benchmark: a named config, synthetic interleaved batches (or the real
+shapes pipeline), N timed steps; writes JSON with device, config, commit, step time,
+tokens/s, TFLOP/s per device, MFU, peak memory and compile time.
+
+  python -m strokes_jax bench --config configs/mot_1b.py --workdir runs/bench
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+
+import jax
+import numpy as np
+import flax.linen as nn
+
+from strokes_jax.data import pipeline
+from strokes_jax.evaluate import report
+from strokes_jax.model.unified import ModelConfig, UnifiedModel
+from strokes_jax.tokenizer import CLEAN, NOISY, TEXT
+from strokes_jax.train import flops as fl
+from strokes_jax.train import sharding as shd
+from strokes_jax.train import state as st
+from strokes_jax.train import step as sp
+
+
+def synthetic_batch(rows: int, seq_len: int, vocab: int, patch_dim: int, num_patches: int,
+                    text_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Rows of repeated [text_len text tokens, noisy image, <vs> clean image <ve>] laid out
+    exactly like real episodes (stages, targets, blocks, positions), one segment per row."""
+    rng = np.random.default_rng(seed)
+    cols = {k: np.zeros((rows, seq_len), np.int32) for k in
+            ("tokens", "types", "stages", "targets", "target_stages", "positions", "blocks",
+             "patch_pos", "segment_ids")}
+    cols["patches"] = rng.integers(0, 256, (rows, seq_len, patch_dim), dtype=np.uint8)
+    i, pos, block = 0, 0, 0
+    layout = []  # (type, block, patch_pos, position)
+    while True:
+        seg = [(TEXT, 0, 0, pos + j) for j in range(text_len)]
+        pos += text_len
+        img = ([(NOISY, block + 1, j, pos) for j in range(num_patches)]
+               + [(TEXT, block + 2, 0, pos)] + [(CLEAN, block + 2, j, pos) for j in range(num_patches)]
+               + [(TEXT, block + 2, 0, pos)])
+        if len(layout) + len(seg) + len(img) > seq_len:
+            break
+        layout += seg + img
+        pos, block = pos + 1, block + 2
+    n = len(layout)
+    arr = np.asarray(layout, np.int32)
+    for r in range(rows):
+        cols["types"][r, :n], cols["blocks"][r, :n] = arr[:, 0], arr[:, 1]
+        cols["patch_pos"][r, :n], cols["positions"][r, :n] = arr[:, 2], arr[:, 3]
+        cols["segment_ids"][r, :n] = 1
+        text = arr[:, 0] == TEXT
+        cols["tokens"][r, :n] = np.where(text, rng.integers(1, vocab, n), 0)
+        nxt = np.append(cols["tokens"][r, 1:n], 0)
+        has = text & (np.append(arr[1:, 0], NOISY) == TEXT) & (arr[:, 1] == 0)
+        cols["targets"][r, :n] = np.where(has, nxt, 0)
+        cols["stages"][r, :n] = np.where(arr[:, 0] == TEXT, 1, 2)
+        cols["target_stages"][r, :n] = 1
+    return cols
+
+
+def peak_memory() -> dict:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if "peak_bytes_in_use" in stats:
+        out["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+    return out
+
+
+def run(config, config_name: str, workdir: str) -> dict:
+    b = config.bench
+    mc = ModelConfig.from_config({**config.model.to_dict(), "vocab_size": b.vocab_size,
+                                  "patch_dim": b.patch_dim, "latent_grid": tuple(b.latent_grid)})
+    model = UnifiedModel(mc)
+    mesh = shd.make_mesh(config.mesh["shape"])
+    accum = config.train.accum_steps
+    shd.check_batch(config.data.batch_size, mesh, accum, jax.process_count())
+    tx = st.make_optimizer(config.optim)
+    t0 = time.time()
+    state, shardings = st.create_state(model, tx, mesh, config.rules, config.seed, mc.patch_dim,
+                                       ema=config.optim.ema_decay > 0)
+    init_s = time.time() - t0
+    ratio = shd.check_sufficiently_sharded(state.params, mesh, config.train.shard_tolerance)
+    lc = sp.LossConfig.from_config(config)
+    train_step, _ = sp.jit_steps(model, tx, lc, mesh, shardings, accum_steps=accum,
+                                 ema_decay=config.optim.ema_decay)
+    rows, L = config.data.batch_size // jax.process_count(), config.data.seq_len
+    num_patches = mc.latent_grid[0] * mc.latent_grid[1]
+    local = synthetic_batch(rows, L, mc.vocab_size, mc.patch_dim, num_patches, b.text_len)
+    batch = pipeline.to_global({k: local[k] for k in sp.BATCH_KEYS}, mesh)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(shd.rules_tuple(config.rules)):
+        t0 = time.time()
+        compiled = train_step.lower(state, batch).compile()
+        compile_s = time.time() - t0
+        times = []
+        for i in range(b.warmup + b.steps):
+            t0 = time.time()
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics["loss"])
+            if i >= b.warmup:
+                times.append(time.time() - t0)
+    step_s = float(np.median(times))
+    n_dev = jax.device_count()
+    f = fl.train_step_flops(mc, config.data.batch_size, L)
+    dev = report.device_info()
+    peak = fl.peak_tflops(dev["device_kind"])
+    model_tflops = f.model / step_s / n_dev / 1e12
+    out = {
+        "config": config_name, "commit": report.git_commit(), "device": dev,
+        "mesh": dict(mesh.shape), "dtype": mc.decoder.dtype, "remat": mc.decoder.remat,
+        "scan_layers": mc.decoder.scan_layers, "attention": mc.decoder.attention,
+        "params": st.param_count(state.params), "global_batch": config.data.batch_size,
+        "seq_len": L, "accum_steps": accum, "steps_timed": b.steps,
+        "step_time_s": step_s, "step_time_min_s": float(np.min(times)),
+        "tokens_per_s": config.data.batch_size * L / step_s,
+        "model_tflop_per_step": f.model / 1e12, "executed_tflop_per_step": f.executed / 1e12,
+        "model_tflops_per_device": model_tflops,
+        "executed_tflops_per_device": f.executed / step_s / n_dev / 1e12,
+        "peak_tflops_per_device": peak, "mfu": (model_tflops / peak) if peak else None,
+        "compile_s": compile_s, "init_s": init_s, "sharded_ratio": ratio,
+        "final_loss": float(metrics["loss"]), **peak_memory(),
+    }
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, f"bench_{config_name.removesuffix('.py')}_"
+                                 f"{dev['device_kind'].replace(' ', '_')}.json")
+    with open(path, "w") as fh:
+        json.dump(out, fh, indent=1)
+    out["path"] = path
+    return out
