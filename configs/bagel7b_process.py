@@ -13,6 +13,8 @@ Orbax); `python -m strokes_jax.convert params --config this` prints the paramete
 
 import ml_collections
 
+from strokes_jax.train import sharding
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -66,26 +68,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict(dict(
         steps=10_000, log_every=10, eval_every=1000, checkpoint_every=500, keep_checkpoints=3,
+        accum_steps=1, shard_tolerance=0.1,
     ))
 
     # FSDP over the whole slice: bf16 params + fp32 Adam moments of 14B parameters do not fit
     # one chip, and the joint attention over 33K tokens favours sharding params, not sequence.
     c.mesh = dict(shape=(1, -1, 1))
-    c.rules = (
-        ("batch", ("data", "fsdp")),
-        ("length", None),
-        ("embed", "fsdp"),
-        ("embed_out", None),
-        ("vit_embed", None),
-        ("heads", "tensor"),
-        ("head_dim", None),
-        ("qkv", "tensor"),
-        ("mlp", "tensor"),
-        ("vocab", "tensor"),
-        ("patch", None),
-        ("freq", None),
-        ("norm", None),
-    )
+    c.rules = sharding.DEFAULT_RULES  # one table; override entries per experiment
 
     c.eval = ml_collections.ConfigDict(dict(
         seed=1234, max_iterations=5, max_text_tokens=256, batch_size=8, images_per_prompt=4,

@@ -6,6 +6,8 @@ Variants: `--config configs/shapes_tiny.py:test` shrinks everything for unit tes
 
 import ml_collections
 
+from strokes_jax.train import sharding
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -53,23 +55,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
 
     c.mesh = dict(shape=(-1, 1, 1))
-    # Logical axis -> mesh axes. Parameters are sharded FSDP-style over `fsdp` on their
-    # embedding axis and tensor-parallel over `tensor` on heads/mlp/vocab.
-    c.rules = (
-        ("batch", ("data", "fsdp")),
-        ("length", None),
-        ("embed", "fsdp"),
-        ("embed_out", None),
-        ("heads", "tensor"),
-        ("head_dim", None),
-        ("qkv", "tensor"),
-        ("mlp", "tensor"),
-        ("vocab", "tensor"),
-        ("patch", None),
-        ("freq", None),
-        ("norm", None),
-        ("layers", None),
-    )
+    c.rules = sharding.DEFAULT_RULES  # one table; override entries per experiment
 
     c.eval = ml_collections.ConfigDict(dict(
         seed=1234,
@@ -80,6 +66,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch_size=36,
         filmstrips=12,
     ))
+
+    # `python -m strokes_jax self-critique`: the trained model's own traces, inspected.
+    c.self_critique = ml_collections.ConfigDict(dict(seed=77, num_prompts=240))
 
     # `python -m strokes_jax bench`: synthetic batches shaped like shapes episodes.
     c.bench = ml_collections.ConfigDict(dict(
@@ -94,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.train.update(steps=8, log_every=2, eval_every=4, checkpoint_every=4, shard_tolerance=0.5)
         c.flow["sample_steps"] = 3
         c.bench.update(steps=2, warmup=1)
+        c.self_critique.update(num_prompts=6)
         c.eval.update(prompts_per_tag=1, images_per_prompt=1, max_iterations=2,
                       max_text_tokens=24, batch_size=6, filmstrips=2)
     elif arg not in (None, ""):

@@ -6,6 +6,8 @@ Commands:
   train       train or resume in --workdir
   evaluate    load the newest checkpoint in --workdir, generate both ways, score, report
   bench       time training steps of --config on synthetic batches; JSON into --workdir
+  self-critique  sample the trained model on training prompts, inspect with the exact checker,
+              write the critique episodes to <workdir>/self_critique/ (ArrayRecord + stats)
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "ml_collections confi
 flags.DEFINE_string("workdir", "runs/shapes_tiny", "where data, checkpoints, logs and the report go")
 
 FLAGS = flags.FLAGS
-COMMANDS = ("demo", "build-data", "train", "evaluate", "bench")
+COMMANDS = ("demo", "build-data", "train", "evaluate", "bench", "self-critique")
 
 
 def _print_summary(payload: dict) -> None:
@@ -52,6 +54,11 @@ def main(argv):
         from strokes_jax import bench
         out = bench.run(config, config_name, workdir)
         print(json.dumps(out, indent=1))
+        return
+    if cmd == "self-critique":
+        setup, _ = loop.restore_for_eval(config, workdir)
+        stats = job.self_critique(setup, config, workdir)
+        print(json.dumps(stats, indent=1))
         return
     if cmd == "build-data":
         loop.prepare_data(config, workdir)

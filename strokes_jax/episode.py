@@ -32,7 +32,10 @@ class EpisodeError(ValueError):
 @dataclasses.dataclass
 class Step:
     """One iteration. `ins`/`des` are None only in single-pass episodes (no plan); `inspect`
-    is None when the iteration has no inspection; `refine` and `refined` come together."""
+    is None when the iteration has no inspection; `refine` and `refined` come together.
+    `sketch_target` False marks a sketch the model drew itself (self-sampled critiques): it is
+    context for the inspection, packed as a clean copy only, with no flow loss, so training
+    never imitates the model's own imperfect drawing."""
 
     sketch: np.ndarray
     ins: str | None = None
@@ -40,6 +43,7 @@ class Step:
     inspect: str | None = None
     refine: str | None = None
     refined: np.ndarray | None = None
+    sketch_target: bool = True
 
 
 @dataclasses.dataclass
@@ -53,13 +57,14 @@ class Episode:
 
     # -- structure ---------------------------------------------------------------------
     def segments(self) -> Iterator[tuple[int, str, object]]:
-        """(stage, modality, content) in sequence order; modality is 'text' or 'image'.
-        Text content is the exact text between <|im_start|> and <|im_end|>."""
+        """(stage, modality, content) in sequence order; modality is 'text', 'image' (a flow
+        target) or 'context_image' (seen, not learned). Text content is the exact text
+        between <|im_start|> and <|im_end|>."""
         yield PROMPT, "text", self.prompt
         for s in self.steps:
             if s.ins is not None:
                 yield PLAN, "text", f"<ins> {s.ins} </ins> <des> {s.des} </des>"
-            yield SKETCH, "image", s.sketch
+            yield SKETCH, "image" if s.sketch_target else "context_image", s.sketch
             if s.inspect is not None:
                 text = f"<inspect> {s.inspect} </inspect>"
                 if s.refine is not None:
@@ -69,7 +74,7 @@ class Episode:
                 yield REFINE, "image", s.refined
 
     def images(self) -> list[np.ndarray]:
-        return [c for _, m, c in self.segments() if m == "image"]
+        return [c for _, m, c in self.segments() if m != "text"]
 
     def final_image(self) -> np.ndarray:
         last = self.steps[-1]
@@ -117,6 +122,8 @@ class Episode:
         for s in self.steps:
             d = {k: getattr(s, k) for k in ("ins", "des", "inspect", "refine")}
             d["sketch"] = len(images)
+            if not s.sketch_target:
+                d["sketch_target"] = False
             images.append(np.ascontiguousarray(s.sketch, np.uint8))
             if s.refined is not None:
                 d["refined"] = len(images)
@@ -146,7 +153,8 @@ class Episode:
             imgs = blob.reshape((count,) + shape)
             steps = [Step(sketch=imgs[s["sketch"]], ins=s["ins"], des=s["des"],
                           inspect=s["inspect"], refine=s["refine"],
-                          refined=imgs[s["refined"]] if "refined" in s else None)
+                          refined=imgs[s["refined"]] if "refined" in s else None,
+                          sketch_target=s.get("sketch_target", True))
                      for s in h["steps"]]
             return cls(id=h["id"], prompt=h["prompt"], tag=h["tag"], metadata=h["metadata"],
                        steps=steps, kind=h["kind"])
@@ -160,7 +168,7 @@ class Episode:
         out = []
         for stage, mod, c in self.segments():
             out.append(f"[{STAGE_NAMES[stage]}] " + (c if mod == "text" else
-                                                     f"<image {'x'.join(map(str, c.shape[:2]))}>"))
+                                                     f"<{mod} {'x'.join(map(str, c.shape[:2]))}>"))
         return "\n".join(out)
 
 

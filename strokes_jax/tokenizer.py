@@ -166,9 +166,10 @@ class EpisodeTokenizer:
                     pos += 1
             else:
                 p = patchify(np.asarray(content), self.patch)
-                block += 1
-                for j in range(self.num_patches):
-                    put(self.tok.pad_id, NOISY, stage, pos, block, j, p[j])
+                if modality == "image":  # a flow target: its noisy copy carries the loss
+                    block += 1
+                    for j in range(self.num_patches):
+                        put(self.tok.pad_id, NOISY, stage, pos, block, j, p[j])
                 block += 1
                 put(self.tok.vision_start, TEXT, stage, pos, block, 0, zero_patch)
                 for j in range(self.num_patches):

@@ -121,20 +121,28 @@ def text_options(kind: str, prompt: Prompt, state: tuple, x: Obj | None,
     return out
 
 
+def violation_fix(v: prompts.Violation) -> tuple[Issue, Command]:
+    """What the checker says about a partial_check violation, and the command that fixes it."""
+    if v.kind == "color":
+        return Issue("color", v.obj, color=v.color), Command("recolour", v.obj, color=v.color)
+    if v.kind == "place":
+        if v.cell is None:
+            raise tr.TrajectoryError(f"no free cell puts {v.obj} {v.relation} {v.other}")
+        return (Issue("relation", v.obj, relation=v.relation, other=v.other),
+                Command("move", v.obj, cell=v.cell))
+    if v.kind == "extra":
+        return Issue("extra", v.obj), Command("remove", v.obj)
+    raise ValueError(f"unknown violation kind {v.kind!r}")
+
+
 def text_step(kind: str, prompt: Prompt, state: tuple, wrong: Obj) -> tuple[ep.Step, tuple]:
     """The text-side critiqued step whose plan adds `wrong`, and the fixed state; the issue and
     fix come from partial_check's Violation, so they match what the checker would say."""
     drawn = state + (wrong,)
     (v,) = prompts.partial_check(drawn, prompt)[0]
-    if kind == "text:color":
-        issue, fix = Issue("color", wrong, color=v.color), Command("recolour", wrong, color=v.color)
-    elif kind == "text:relation":
-        issue = Issue("relation", wrong, relation=v.relation, other=v.other)
-        fix = Command("move", wrong, cell=v.cell)
-    elif kind == "text:extra":
-        issue, fix = Issue("extra", wrong), Command("remove", wrong)
-    else:
+    if kind not in ("text:color", "text:relation", "text:extra"):
         raise ValueError(f"unknown text-side critique {kind!r}")
+    issue, fix = violation_fix(v)
     fixed = fix.apply(drawn)
     if prompts.partial_check(fixed, prompt)[0]:
         raise tr.TrajectoryError(f"fix {fix.text()!r} leaves violations in {fixed}")

@@ -16,6 +16,29 @@ def make_generator(setup, config, seed: int = 0) -> Generator:
                      max_text_tokens=config.eval.max_text_tokens, seed=seed)
 
 
+def self_critique(setup, config, workdir: str) -> dict:
+    """Self-sampled critique episodes from the trained model, as a new ArrayRecord split."""
+    import json
+    import os
+
+    from strokes_jax.data import self_critique as sc
+
+    c = config.self_critique
+    out_dir = os.path.join(workdir, "self_critique")
+    os.makedirs(out_dir, exist_ok=True)
+    t0 = time.time()
+    prompts = sc.training_prompts(c.seed, c.num_prompts)
+    episodes, counts = sc.sample_and_critique(make_generator(setup, config, c.seed), prompts,
+                                              config.eval.batch_size, f"self{c.seed}")
+    path = os.path.join(out_dir, "episodes.array_record")
+    sc.write_array_record(episodes, path)
+    stats = {"path": path, "episodes": len(episodes), "outcomes": counts,
+             "prompts": len(prompts), "seconds": time.time() - t0}
+    with open(os.path.join(out_dir, "stats.json"), "w") as f:
+        json.dump(stats, f, indent=1)
+    return stats
+
+
 def run(setup, config, workdir: str, config_name: str, train_summary: dict | None = None,
         timings: dict | None = None) -> dict:
     ec = config.eval

@@ -23,6 +23,7 @@ from strokes_jax import tokenizer as tk
 from strokes_jax.data import pipeline, tfds_shapes
 from strokes_jax.model.unified import ModelConfig, UnifiedModel
 from strokes_jax.train import checkpoint as ckpt
+from strokes_jax.train import flops as fl
 from strokes_jax.train import sharding as shd
 from strokes_jax.train import state as st
 from strokes_jax.train import step as sp
@@ -94,13 +95,18 @@ def prepare_data(config, workdir: str):
 
 
 class _Preemption:
-    """Turns SIGTERM into a flag checked at step boundaries (main thread only)."""
+    """Turns SIGTERM into a flag checked at step boundaries (single process, main thread).
+    With several processes the notice must reach every host at the same step, which JAX's
+    preemption sync point does (see _preemption_sync), so no handler is installed."""
 
-    def __init__(self):
+    def __init__(self, enabled: bool = True):
         self.requested = False
+        self.enabled = enabled
         self._old = None
 
     def __enter__(self):
+        if not self.enabled:
+            return self
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: leave signals alone
@@ -113,6 +119,14 @@ class _Preemption:
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
+
+
+def _preemption_sync(mgr, step: int) -> bool:
+    """Orbax/JAX preemption notice, agreed on by all hosts; False without jax.distributed."""
+    try:
+        return bool(mgr.reached_preemption(step))
+    except (RuntimeError, ValueError):
+        return False
 
 
 def _mean_metrics(history: list[dict]) -> dict[str, float]:
@@ -175,11 +189,13 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
     if start == 0:
         writer.write_hparams({k: str(v) for k, v in config.to_dict().items()})
     report = periodic_actions.ReportProgress(num_train_steps=tc.steps, writer=writer)
+    step_flops = fl.train_step_flops(s.model.cfg, config.data.batch_size, config.data.seq_len)
+    peak = fl.peak_tflops(jax.devices()[0].device_kind)
     history, losses, t0 = [], [], time.time()
     summary = {"params": st.param_count(s.state.params), "start_step": start}
-    step = start
+    step, t_window = start, time.time()
     # The mesh and rules make the model's logical activation constraints concrete.
-    with _Preemption() as pre, jax.set_mesh(s.mesh), \
+    with _Preemption(jax.process_count() == 1) as pre, jax.set_mesh(s.mesh), \
             nn.logical_axis_rules(shd.rules_tuple(config.rules)):
         while step < tc.steps:
             batch = _batch(next(it), s.mesh)
@@ -187,29 +203,42 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
             step += 1
             report(step)
             history.append(metrics)
-            if step % tc.log_every == 0 or step == tc.steps:
+            stop = pre.requested or _preemption_sync(mgr, step)
+            saving = stop or step == tc.steps or mgr.should_save(step)
+            logging_step = step % tc.log_every == 0 or step == tc.steps
+            if saving or logging_step:
+                # Every window that ends in a save is checked, so a NaN state is never saved.
                 m = _mean_metrics(jax.device_get(history))
-                history = []
-                if not np.isfinite(m["loss"]):
+                elapsed, n = time.time() - t_window, len(history)
+                history, t_window = [], time.time()
+                if not (np.isfinite(m["loss"]) and np.isfinite(m["param_norm"])):
                     mgr.wait_until_finished()
                     raise FloatingPointError(
-                        f"non-finite loss {m['loss']} by step {step}; the newest checkpoint "
-                        f"(step {mgr.latest_step()}) is the last good one")
+                        f"non-finite loss {m['loss']} or parameters (norm {m['param_norm']}) "
+                        f"by step {step}; the newest checkpoint (step {mgr.latest_step()}) "
+                        f"is the last good one")
+                tflops = step_flops.model * n / elapsed / jax.device_count() / 1e12
+                m.update(tflops_per_device=tflops, steps_per_s=n / elapsed)
+                if peak:
+                    m["mfu"] = tflops / peak
                 losses.append((step, m["loss"]))
                 writer.write_scalars(step, {f"train/{k}": v for k, v in m.items()})
-                print(f"step {step}/{tc.steps} loss {m['loss']:.4f} ce {m['ce']:.4f} "
-                      f"mse {m['mse']:.4f} text_acc {m['text_accuracy']:.3f} "
-                      f"({time.time() - t0:.0f}s)", flush=True)
+                if logging_step:
+                    print(f"step {step}/{tc.steps} loss {m['loss']:.4f} ce {m['ce']:.4f} "
+                          f"mse {m['mse']:.4f} text_acc {m['text_accuracy']:.3f} "
+                          f"{tflops * 1e3:.1f} GFLOP/s/device ({time.time() - t0:.0f}s)", flush=True)
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 writer.write_scalars(step, evaluate_loss(s, eval_step, eval_src, config))
-            ckpt.save(mgr, step, s.state, it, force=step == tc.steps or pre.requested)
-            if pre.requested:
-                logging.warning("SIGTERM: saved step %d, stopping", step)
+            if saving:
+                ckpt.save(mgr, step, s.state, it, force=True)
+            if stop:
+                logging.warning("preemption: saved step %d, stopping", step)
                 break
     mgr.wait_until_finished()
     writer.flush()
-    summary.update(end_step=step, train_seconds=time.time() - t0, losses=losses,
-                   skipped=skips.get_state(), preempted=pre.requested)
+    summary.update(end_step=step, train_seconds=time.time() - t0,
+                   losses=losses, skipped=skips.get_state(),
+                   preempted=step < tc.steps)
     return s, summary
 
 

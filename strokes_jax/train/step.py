@@ -118,6 +118,7 @@ def train_step(state, batch, *, model, tx, lc: LossConfig, accum_steps: int = 1,
     params = optax.apply_updates(state.params, updates)
     metrics = losses.finalize(sums, lc.ce_weight, lc.mse_weight)
     metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["param_norm"] = optax.tree.norm(params)  # finite before a state may be saved
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     if ema_decay:
         new = new.replace(ema_params=jax.tree_util.tree_map(
