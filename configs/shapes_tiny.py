@@ -65,6 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         max_text_tokens=48,  # cap per text segment
         batch_size=36,
         filmstrips=12,
+        iteration_caps=(),  # e.g. (1, 2, 3): also score the process mode under these caps
     ))
 
     # `python -m strokes_jax self-critique`: the trained model's own traces, inspected.
@@ -84,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.flow["sample_steps"] = 3
         c.bench.update(steps=2, warmup=1)
         c.self_critique.update(num_prompts=6)
+        c.eval.update(iteration_caps=(1,))
         c.eval.update(prompts_per_tag=1, images_per_prompt=1, max_iterations=2,
                       max_text_tokens=24, batch_size=6, filmstrips=2)
     elif arg not in (None, ""):

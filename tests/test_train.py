@@ -90,12 +90,18 @@ def test_main_job_end_to_end(tmp_path):
     assert len(src) == stats["episodes"]
     with open(os.path.join(workdir, "report", "results.json")) as f:
         res = json.load(f)
-    assert set(res["results"]) == {"single_pass", "process"}
+    assert set(res["results"]) == {"single_pass", "process", "process@cap1"}
+    assert res["results"]["process@cap1"]["images_per_sample"] <= 2  # one sketch (+ refine)
     for mode, r in res["results"].items():
         assert set(r["scores"]) >= {"single_object", "two_object", "counting", "colors",
                                     "position", "color_attr", "overall"}
-        assert len(res["samples"][mode]) == r["images"] == 6
+        assert r["images"] == 6
+    for mode in ("single_pass", "process"):
+        assert len(res["samples"][mode]) == 6
     assert res["train"]["end_step"] == 8
     strips = os.listdir(os.path.join(workdir, "report", "filmstrips"))
     assert strips and all(s.endswith(".png") for s in strips)
     assert os.path.exists(os.path.join(workdir, "report", "report.md"))
+    page = open(os.path.join(workdir, "report", "report.html")).read()
+    assert "<table>" in page and page.count("<img ") == len(strips)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))

@@ -16,6 +16,29 @@ def make_generator(setup, config, seed: int = 0) -> Generator:
                      max_text_tokens=config.eval.max_text_tokens, seed=seed)
 
 
+def _to_tensorboard(workdir: str, payload: dict, strips) -> None:
+    """Scores and filmstrips next to the training curves (TensorBoard under <workdir>/tb)."""
+    import os
+
+    import numpy as np
+    from PIL import Image
+    from clu import metric_writers
+
+    step = int(payload.get("train", {}).get("end_step", 0))
+    w = metric_writers.create_default_writer(os.path.join(workdir, "tb"), just_logging=False)
+    for mode, r in payload["results"].items():
+        w.write_scalars(step, {f"eval/{mode}/{k}": v for k, v in r["scores"].items()})
+    folder = os.path.join(workdir, "report", "filmstrips")
+    images = {}
+    for name, *_ in strips:
+        fname = os.path.join(folder, name.replace(" ", "_") + ".png")
+        if os.path.exists(fname):
+            images[f"filmstrips/{name.replace(' ', '_')}"] = np.asarray(Image.open(fname).convert("RGB"))[None]
+    if images:
+        w.write_images(step, images)
+    w.flush()
+
+
 def self_critique(setup, config, workdir: str) -> dict:
     """Self-sampled critique episodes from the trained model, as a new ArrayRecord split."""
     import json
@@ -51,6 +74,13 @@ def run(setup, config, workdir: str, config_name: str, train_summary: dict | Non
         results[mode] = shapes_bench.summarize(s)
         timings[f"generate_{mode}"] = secs
         logging.info("%s: %s", mode, results[mode]["scores"])
+    # Test-time scaling: the same prompts with a tighter cap on iterations (accuracy vs NFE).
+    for cap in ec.get("iteration_caps", ()):
+        gen.max_iterations = int(cap)
+        s, secs = shapes_bench.run(gen, bench, ec.images_per_prompt, "process", ec.batch_size)
+        results[f"process@cap{cap}"] = shapes_bench.summarize(s)
+        timings[f"generate_process_cap{cap}"] = secs
+    gen.max_iterations = ec.max_iterations
     strips = []
     for k, smp in enumerate(samples["process"][:: max(1, len(samples["process"]) // max(ec.filmstrips, 1))][:ec.filmstrips]):
         single = next(x for x in samples["single_pass"] if x.prompt == smp.prompt and x.index == smp.index)
@@ -67,6 +97,7 @@ def run(setup, config, workdir: str, config_name: str, train_summary: dict | Non
     }
     t0 = time.time()
     path = report.write(workdir, payload, [(n.replace(" ", "_"), p, t, im) for n, p, t, im in strips])
+    _to_tensorboard(workdir, payload, strips)
     payload["report_path"] = path
     timings["report"] = time.time() - t0
     return payload

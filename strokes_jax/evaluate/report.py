@@ -3,6 +3,7 @@ episode's stages with their text."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import platform
@@ -119,4 +120,40 @@ def write(workdir: str, payload: dict, strips: Sequence[tuple[str, str, str, Seq
     path = os.path.join(out, "report.md")
     with open(path, "w") as f:
         f.write("\n".join(md) + "\n")
+    with open(os.path.join(out, "report.html"), "w") as f:
+        f.write(to_html(md))
     return path
+
+
+def to_html(md_lines: Sequence[str]) -> str:
+    """The Markdown report as a standalone HTML page (tables, images, paragraphs)."""
+    body, table = [], []
+
+    def flush():
+        if table:
+            rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-")]
+            cells = [[html.escape(c.strip()) for c in r.strip("|").split("|")] for r in rows]
+            body.append("<table>" + "".join(
+                "<tr>" + "".join(f"<{t}>{c}</{t}>" for c in row) + "</tr>"
+                for t, row in zip(["th"] + ["td"] * (len(cells) - 1), cells)) + "</table>")
+            table.clear()
+
+    for line in md_lines:
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush()
+        if line.startswith("# "):
+            body.append(f"<h1>{html.escape(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("!["):
+            src = line[line.index("(") + 1:-1]
+            body.append(f'<p><img src="{html.escape(src)}" alt="{html.escape(src)}"></p>')
+        elif line:
+            body.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #999;padding:4px 8px;text-align:right}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Shapes-GenEval report</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
