@@ -27,6 +27,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch_size=8,
         max_skip_fraction=0.01,
         shuffle_buffer_seed=0,
+        # Phase 2: more ArrayRecord episode files mixed in, [{'path': ..., 'weight': ...}].
+        extra_sources=(),
+        main_weight=1.0,
     ))
 
     c.model = ml_collections.ConfigDict(dict(
@@ -51,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         steps=400, log_every=25, eval_every=200, checkpoint_every=200, keep_checkpoints=2,
         accum_steps=1,  # gradient accumulation: micro-batches per step
+        init_from="",  # a workdir whose newest params start this run (phase 2)
         shard_tolerance=0.25,  # fail if a device holds > (1 + tol) x its share of params
     ))
 

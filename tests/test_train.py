@@ -105,3 +105,33 @@ def test_main_job_end_to_end(tmp_path):
     page = open(os.path.join(workdir, "report", "report.html")).read()
     assert "<table>" in page and page.count("<img ") == len(strips)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
+
+
+def test_phase_two_starts_from_phase_one_and_mixes_in_an_extra_split(tmp_path, sources):
+    from strokes_jax.data import self_critique, trajectories
+
+    phase1, _ = loop.train(_config(steps=2, checkpoint_every=1), str(tmp_path / "p1"), sources)
+    eps = list(trajectories.generate_episodes(9, 8, {"additive": 1.0}))
+    for e in eps:
+        for s in e.steps:
+            s.sketch_target = False  # as self-sampled critiques are
+    path = str(tmp_path / "extra.array_record")
+    self_critique.write_array_record(eps, path)
+
+    c = _config(steps=2, checkpoint_every=1)
+    c.train.init_from = str(tmp_path / "p1")
+    c.data.extra_sources = ({"path": path, "weight": 1.0},)
+    s = loop.setup(c)
+    loop._init_from(s, c)
+    for a, b in zip(jax.tree_util.tree_leaves(phase1.state.params),
+                    jax.tree_util.tree_leaves(s.state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(s.state.step) == 0
+    mixed = loop.with_extra_sources(c, sources[0])
+    assert [len(src) for src, _ in mixed] == [len(sources[0]), 8]
+    _, summary = loop.train(c, str(tmp_path / "p2"), sources)
+    assert summary["start_step"] == 0 and summary["end_step"] == 2
+
+    c.data.extra_sources = ({"path": str(tmp_path / "missing"), "weight": 1.0},)
+    with pytest.raises(FileNotFoundError, match=r"data.extra_sources\[0\].path"):
+        loop.with_extra_sources(c, sources[0])

@@ -292,13 +292,24 @@ def _per_process(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
+def _mixed(source) -> grain.MapDataset:
+    if isinstance(source, list) and source and isinstance(source[0], tuple):
+        parts = [(grain.MapDataset.source(s), float(w)) for s, w in source if len(s)]
+        if not parts:
+            raise ValueError("every source of the mixture is empty")
+        return grain.MapDataset.mix([p for p, _ in parts], [w for _, w in parts])
+    return grain.MapDataset.source(source)
+
+
 def make_dataset(source: Sequence[Any], tokenizer: tk.EpisodeTokenizer, *, seq_len: int,
                  batch_size: int, seed: int, shuffle: bool = True, repeat: bool = True,
                  skips: SkipCounter, num_rows: int = 8, num_threads: int = 4,
                  prefetch: int = 64, num_workers: int = 0, process_index: int = 0,
                  process_count: int = 1, drop_remainder: bool = True) -> grain.IterDataset:
-    """The pipeline as a Grain IterDataset of per-process batches of `batch_size` rows."""
-    ds = grain.MapDataset.source(source).map_with_index(DecodeEpisode(tokenizer, seq_len))
+    """The pipeline as a Grain IterDataset of per-process batches of `batch_size` rows.
+    `source` is one random-access source, or a list of (source, weight) to mix (e.g. the
+    shapes episodes with a self-sampled critique split)."""
+    ds = _mixed(source).map_with_index(DecodeEpisode(tokenizer, seq_len))
     if process_count > 1:
         ds = ds[process_index::process_count]
     if shuffle:

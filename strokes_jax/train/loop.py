@@ -166,10 +166,41 @@ def train_iterator(config, etok, source, skips):
     return pipeline.RowSlice(it, jax.process_index(), jax.process_count())
 
 
+def with_extra_sources(config, train_src):
+    """data.extra_sources: [{'path': ArrayRecord file, 'weight': w}, ...] mixed with the main
+    split (weight data.main_weight), e.g. phase 2 on self-sampled critiques."""
+    extra = list(config.data.get("extra_sources", ()) or ())
+    if not extra:
+        return train_src
+    import grain
+    parts = [(train_src, float(config.data.get("main_weight", 1.0)))]
+    for i, e in enumerate(extra):
+        if not os.path.exists(e["path"]):
+            raise FileNotFoundError(f"config key data.extra_sources[{i}].path: {e['path']} not found")
+        parts.append((grain.sources.ArrayRecordDataSource(e["path"]), float(e["weight"])))
+    return parts
+
+
+def _init_from(s: Setup, config) -> None:
+    """train.init_from: start from another run's newest params (fresh optimizer and step)."""
+    src = config.train.get("init_from", "")
+    if not src:
+        return
+    mgr = ckpt.manager(src, keep=1, save_every=1)
+    restored = ckpt.restore_latest(mgr, s.state, s.shardings)
+    if restored is None:
+        raise FileNotFoundError(f"config key train.init_from: no checkpoint under {src}")
+    params = restored[1].params
+    s.state = s.state.replace(params=params,
+                              ema_params=None if s.state.ema_params is None else params)
+    logging.info("initialised from %s step %d", src, restored[0])
+
+
 def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict]:
     """Train (or resume) in `workdir`; returns the final Setup and a summary dict."""
     os.makedirs(workdir, exist_ok=True)
     train_src, eval_src = sources if sources is not None else prepare_data(config, workdir)
+    train_src = with_extra_sources(config, train_src)
     s = setup(config, devices)
     lc = sp.LossConfig.from_config(config)
     train_step, eval_step = sp.jit_steps(s.model, s.tx, lc, s.mesh, s.shardings,
@@ -184,6 +215,8 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
     if restored is not None:
         start, s.state = restored
         logging.info("resumed from step %d", start)
+    else:
+        _init_from(s, config)
     writer = metric_writers.create_default_writer(
         os.path.join(workdir, "tb"), just_logging=jax.process_index() > 0)
     if start == 0:
