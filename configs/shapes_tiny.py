@@ -70,10 +70,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         batch_size=36,
         filmstrips=12,
         iteration_caps=(),  # e.g. (1, 2, 3): also score the process mode under these caps
+        kv_cache=True,  # cached interleaved decoding (tests/test_kv_cache.py: same outputs)
+        cfg_text_scale=1.0,  # BAGEL's text CFG when != 1 (BAGEL's default for T2I is 4.0)
+        cfg_interval=(0.4, 1.0),
     ))
 
     # `python -m strokes_jax self-critique`: the trained model's own traces, inspected.
     c.self_critique = ml_collections.ConfigDict(dict(seed=77, num_prompts=240))
+
+    # `python -m strokes_jax reproduce`: the ablation ladder, same steps for every row.
+    c.reproduce = ml_collections.ConfigDict(dict(
+        mixes=dict(
+            single_pass=dict(single_pass=1.0),
+            additive=dict(additive=1.0),
+            edits=dict(additive=0.6, edit=0.4),
+            symbolic_critique=dict(additive=0.45, edit=0.3, critique=0.25),
+        ),
+        phase2_fraction=0.3,  # of the self_critique row's steps, spent on the mixture
+        self_critique_weight=0.5,  # of the self-critique split against the phase-1 data
+    ))
 
     # `python -m strokes_jax bench`: synthetic batches shaped like shapes episodes.
     c.bench = ml_collections.ConfigDict(dict(

@@ -6,6 +6,7 @@ Commands:
   train       train or resume in --workdir
   evaluate    load the newest checkpoint in --workdir, generate both ways, score, report
   bench       time training steps of --config on synthetic batches; JSON into --workdir
+  reproduce   the ablation ladder (single-pass ... + self-sampled critique), one table
   self-critique  sample the trained model on training prompts, inspect with the exact checker,
               write the critique episodes to <workdir>/self_critique/ (ArrayRecord + stats)
 """
@@ -28,7 +29,7 @@ config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "ml_collections confi
 flags.DEFINE_string("workdir", "runs/shapes_tiny", "where data, checkpoints, logs and the report go")
 
 FLAGS = flags.FLAGS
-COMMANDS = ("demo", "build-data", "train", "evaluate", "bench", "self-critique")
+COMMANDS = ("demo", "build-data", "train", "evaluate", "bench", "self-critique", "reproduce")
 
 
 def _print_summary(payload: dict) -> None:
@@ -54,6 +55,11 @@ def main(argv):
         from strokes_jax import bench
         out = bench.run(config, config_name, workdir)
         print(json.dumps(out, indent=1))
+        return
+    if cmd == "reproduce":
+        from strokes_jax.evaluate import reproduce
+        out = reproduce.run(config, config_name, workdir)
+        print(reproduce.table(out))
         return
     if cmd == "self-critique":
         setup, _ = loop.restore_for_eval(config, workdir)

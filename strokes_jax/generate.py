@@ -8,7 +8,11 @@ is written back as its clean copy `<|vision_start|> latents <|vision_end|>` and 
 continues from `<|vision_end|>`. The model decides when to open an image and when to end the
 episode; structural tokens are constrained so the stream stays well-formed, and caps bound
 text length and iterations. No KV cache here: each call recomputes the context at a bucketed
-length (issue 5 adds the cache).
+length; generate_cached.CachedGenerator is the same loop over a KV cache.
+
+Each example draws its noise from its own stream (seeded by the generator's seed, the call
+and its index in the batch), so its images do not depend on when other examples in the batch
+open theirs; this is what lets the cached and uncached loops, whose turns differ, agree.
 
 NFE counts velocity evaluations (denoising steps), the paper's unit.
 """
@@ -58,6 +62,7 @@ class _Ex:
     nfe: int = 0
     hit_cap: bool = False
     stream: list = dataclasses.field(default_factory=list)  # ints and images
+    rng: np.random.Generator | None = None  # this example's noise
 
 
 class Generator:
@@ -120,7 +125,9 @@ class Generator:
             raise ValueError(f"unknown generation mode {mode!r}")
         t = self.tok
         self._alloc(len(prompts))
-        exs = [_Ex(n=0, pos=0, block=0) for _ in prompts]
+        call_seed = int(self.rng.integers(2 ** 63))
+        exs = [_Ex(n=0, pos=0, block=0, rng=np.random.default_rng([call_seed, i]))
+               for i in range(len(prompts))]
         for i, (ex, p) in enumerate(zip(exs, prompts)):
             for tok in [t.im_start] + t.encode(p, f"prompt {i}") + [t.im_end]:
                 self._text(i, ex, tok)
@@ -178,7 +185,7 @@ class Generator:
         try:
             if token == t.vision_start:
                 ex.mode, ex.k, ex.block = "image", 0, ex.block + 1
-                ex.x = self.rng.standard_normal((self.etok.num_patches, self.etok.patch_dim)).astype(np.float32)
+                ex.x = ex.rng.standard_normal((self.etok.num_patches, self.etok.patch_dim)).astype(np.float32)
                 self._write_noisy(i, ex)
                 return
             if token == t.end_of_episode:
@@ -207,6 +214,10 @@ class Generator:
         b["blocks"][i, sl], b["patch_pos"][i, sl] = ex.block, np.arange(P)
         b["latents"][i, sl], b["timesteps"][i, sl] = ex.x, self.ts[ex.k]
 
+    def _drop_noisy(self, i, ex):
+        # Replace the noisy block by the clean copy; later tokens see only this.
+        self.buf["segment_ids"][i, ex.n:ex.n + self.etok.num_patches] = 0
+
     def _denoise(self, i, ex, v):
         ex.x = ex.x - v * (self.ts[ex.k] - self.ts[ex.k + 1])
         ex.k += 1
@@ -214,9 +225,7 @@ class Generator:
         if ex.k < self.flow_steps:
             self._write_noisy(i, ex)
             return
-        # Replace the noisy block by the clean copy; later tokens see only this.
-        n = ex.n
-        self.buf["segment_ids"][i, n:n + self.etok.num_patches] = 0
+        self._drop_noisy(i, ex)
         pixels = np.clip(np.round((ex.x + 1.0) * 127.5), 0, 255).astype(np.uint8)
         h, w, c = self.etok.image_shape
         img = unpatchify(pixels, (h, w), self.etok.patch, c)

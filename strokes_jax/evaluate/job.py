@@ -10,10 +10,18 @@ from strokes_jax.generate import Generator
 
 
 def make_generator(setup, config, seed: int = 0) -> Generator:
-    return Generator(setup.model, setup.state.eval_params(), setup.etok, max_len=config.data.seq_len,
-                     flow_steps=config.flow["sample_steps"], shift=config.flow["sample_shift"],
-                     max_iterations=config.eval.max_iterations,
-                     max_text_tokens=config.eval.max_text_tokens, seed=seed)
+    """eval.kv_cache: the cached generator (prefill once, decode from the cache; same outputs,
+    several times faster), with BAGEL's text CFG when eval.cfg_text_scale != 1."""
+    ec = config.eval
+    kw = dict(max_len=config.data.seq_len, flow_steps=config.flow["sample_steps"],
+              shift=config.flow["sample_shift"], max_iterations=ec.max_iterations,
+              max_text_tokens=ec.max_text_tokens, seed=seed)
+    if ec.get("kv_cache", False):
+        from strokes_jax.generate_cached import CachedGenerator
+        return CachedGenerator(setup.model, setup.state.eval_params(), setup.etok,
+                               cfg_text_scale=float(ec.get("cfg_text_scale", 1.0)),
+                               cfg_interval=tuple(ec.get("cfg_interval", (0.4, 1.0))), **kw)
+    return Generator(setup.model, setup.state.eval_params(), setup.etok, **kw)
 
 
 def _to_tensorboard(workdir: str, payload: dict, strips) -> None:
@@ -63,30 +71,34 @@ def self_critique(setup, config, workdir: str) -> dict:
 
 
 def run(setup, config, workdir: str, config_name: str, train_summary: dict | None = None,
-        timings: dict | None = None) -> dict:
+        timings: dict | None = None, modes=shapes_bench.MODES) -> dict:
     ec = config.eval
     gen = make_generator(setup, config, ec.seed)
     bench = shapes_bench.benchmark_prompts(ec.seed, ec.prompts_per_tag)
     results, samples, timings = {}, {}, dict(timings or {})
-    for mode in shapes_bench.MODES:
+    for mode in modes:
         s, secs = shapes_bench.run(gen, bench, ec.images_per_prompt, mode, ec.batch_size)
         samples[mode] = s
         results[mode] = shapes_bench.summarize(s)
         timings[f"generate_{mode}"] = secs
         logging.info("%s: %s", mode, results[mode]["scores"])
     # Test-time scaling: the same prompts with a tighter cap on iterations (accuracy vs NFE).
-    for cap in ec.get("iteration_caps", ()):
+    for cap in (ec.get("iteration_caps", ()) if "process" in modes else ()):
         gen.max_iterations = int(cap)
         s, secs = shapes_bench.run(gen, bench, ec.images_per_prompt, "process", ec.batch_size)
         results[f"process@cap{cap}"] = shapes_bench.summarize(s)
         timings[f"generate_process_cap{cap}"] = secs
     gen.max_iterations = ec.max_iterations
+    # The same evenly spaced (prompt, image) picks in every mode, side by side.
+    first = samples[modes[0]]
+    picks = first[::max(1, len(first) // max(ec.filmstrips, 1))][:ec.filmstrips]
     strips = []
-    for k, smp in enumerate(samples["process"][:: max(1, len(samples["process"]) // max(ec.filmstrips, 1))][:ec.filmstrips]):
-        single = next(x for x in samples["single_pass"] if x.prompt == smp.prompt and x.index == smp.index)
-        for name, x in ((f"{k:02d}_{smp.tag}_process", smp), (f"{k:02d}_{smp.tag}_single", single)):
+    for k, smp in enumerate(picks):
+        for mode in modes:
+            x = next(y for y in samples[mode] if y.prompt == smp.prompt and y.index == smp.index)
             verdict = "PASS" if x.correct else "FAIL"
-            strips.append((f"{name} {verdict}", x.prompt, x.result.text, x.result.images))
+            strips.append((f"{k:02d}_{smp.tag}_{mode} {verdict}", x.prompt, x.result.text,
+                           x.result.images))
     payload = {
         "commit": report.git_commit(), "device": report.device_info(),
         "config_name": config_name, "config": config.to_dict(),

@@ -30,6 +30,18 @@ def generalized_causal_mask(segment_ids: jax.Array, blocks: jax.Array, types: ja
     return (same_seg & (causal | same_block)) | self_only
 
 
+def decode_mask(valid: jax.Array, blocks: jax.Array, types: jax.Array, lengths: jax.Array,
+                capacity: int) -> jax.Array:
+    """Mask [B, W, capacity + W] for W new tokens run against a KV cache of `capacity` slots,
+    `lengths[b]` of them filled. The cache holds only clean tokens of one episode per row,
+    all earlier than the new ones, so every cached key is visible; among the new tokens the
+    generalized rules apply (text causal, a block bidirectional, noisy keys private to their
+    block). valid: bool [B, W], False for slab padding."""
+    cached = (jnp.arange(capacity)[None, None, :] < lengths[:, None, None]) & valid[:, :, None]
+    slab = generalized_causal_mask(valid.astype(jnp.int32), blocks, types)
+    return jnp.concatenate([cached, slab], axis=-1)
+
+
 IMPLEMENTATIONS = ("xla", "dot_product", "cudnn")
 
 

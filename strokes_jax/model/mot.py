@@ -69,7 +69,10 @@ class MoTBlock(nn.Module):
     cfg: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, is_gen, positions, mask):
+    def __call__(self, x, is_gen, positions, mask, kv=None):
+        """kv: None (training / full sequence), or the cached (k, v) [B, C, KV, D] of earlier
+        tokens for decode mode; then `mask` is [B, L, C + L] and this also returns the new
+        tokens' (k, v) so the caller decides which of them to keep."""
         c, dt = self.cfg, self.cfg.jdtype
         norm = lambda name: (lambda tag: RMSNorm(c.norm_eps, "embed", dt, name=f"{name}_{tag}"))
 
@@ -85,7 +88,12 @@ class MoTBlock(nn.Module):
             q = _routed(lambda tag: RMSNorm(c.norm_eps, "head_dim", dt, name=f"q_norm_{tag}"), q, is_gen)
             k = _routed(lambda tag: RMSNorm(c.norm_eps, "head_dim", dt, name=f"k_norm_{tag}"), k, is_gen)
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
-        a = attention.attend(q, k, v, mask, c.attention)
+        if kv is None:
+            a = attention.attend(q, k, v, mask, c.attention)
+        else:  # keys are cached after RoPE, so cached positions need no recomputation
+            a = attention.attend(q, jnp.concatenate([kv[0].astype(k.dtype), k], axis=1),
+                                 jnp.concatenate([kv[1].astype(v.dtype), v], axis=1), mask,
+                                 c.attention)
         a = a.reshape(a.shape[:2] + (c.heads * c.head_dim,))
         o = _routed(lambda tag: DenseGeneral((c.width,), ("qkv", "embed"), dtype=dt,
                                              name=f"o_{tag}"), a, is_gen)
@@ -101,7 +109,8 @@ class MoTBlock(nn.Module):
             return f
 
         x = x + _routed(mlp, h, is_gen)
-        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x if kv is None else (x, (k, v))
 
 
 class _ScannedBlock(nn.Module):
@@ -115,6 +124,17 @@ class _ScannedBlock(nn.Module):
         return block(self.cfg, name="block")(x, is_gen, positions, mask), None
 
 
+class _ScannedDecodeBlock(nn.Module):
+    """Decode-mode MoTBlock under nn.scan: the layer's cache slice is scanned over and its new
+    (k, v) stacked on the way out. Same module names as _ScannedBlock, so the same params."""
+
+    cfg: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x, kv, is_gen, positions, mask):
+        return MoTBlock(self.cfg, name="block")(x, is_gen, positions, mask, kv)
+
+
 def _maybe_remat(cls, cfg: DecoderConfig, scanned: bool):
     if cfg.remat == "none":
         return cls
@@ -126,8 +146,12 @@ class MoTDecoder(nn.Module):
     cfg: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, is_gen, positions, mask):
+    def __call__(self, x, is_gen, positions, mask, kv=None):
+        """kv: None, or the decode-mode cache (k, v), each [depth, B, C, KV, D]; then also
+        returns the new tokens' (k, v), each [depth, B, L, KV, D]."""
         c = self.cfg
+        if kv is not None:
+            return self._decode(x, is_gen, positions, mask, kv)
         if c.scan_layers:
             stack = nn.scan(_ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.depth,
@@ -137,8 +161,30 @@ class MoTDecoder(nn.Module):
             block = _maybe_remat(MoTBlock, c, scanned=False)
             for i in range(c.depth):
                 x = block(c, name=f"layer_{i}")(x, is_gen, positions, mask)
+        return self._final_norm(x, is_gen)
+
+    def _final_norm(self, x, is_gen):
+        c = self.cfg
         return _routed(lambda tag: RMSNorm(c.norm_eps, "embed", c.jdtype,
                                            name=f"final_norm_{tag}"), x, is_gen)
+
+    def _decode(self, x, is_gen, positions, mask, kv):
+        # No remat here: decoding never differentiates, and remat does not change param names.
+        c = self.cfg
+        if c.scan_layers:
+            stack = nn.scan(_ScannedDecodeBlock, variable_axes={"params": 0},
+                            split_rngs={"params": True},
+                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.depth,
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, new = stack(c, name="layers")(x, kv, is_gen, positions, mask)
+        else:
+            outs = []
+            for i in range(c.depth):
+                x, o = MoTBlock(c, name=f"layer_{i}")(x, is_gen, positions, mask,
+                                                      (kv[0][i], kv[1][i]))
+                outs.append(o)
+            new = tuple(jnp.stack([o[j] for o in outs]) for j in range(2))
+        return self._final_norm(x, is_gen), new
 
 
 def stack_layers(decoder_params: dict, depth: int) -> dict:

@@ -64,12 +64,17 @@ class UnifiedModel(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, types, positions, segment_ids, blocks, patch_pos, latents,
-                 timesteps, vit_patches=None, vit_pos=None):
+                 timesteps, vit_patches=None, vit_pos=None, cache=None):
         """tokens/types/positions/segment_ids/blocks/patch_pos: int [B, L]; latents float
         [B, L, patch_dim] (x_t for noisy tokens, x_0 for clean, ignored for text);
         timesteps float [B, L]; with a vision config, vit_patches float [B, L, p*p*3] and
         vit_pos int [B, L] (row * max_side + col) for VIT tokens, each image one block.
-        Returns logits [B, L, V] and velocities [B, L, patch_dim]."""
+        Returns logits [B, L, V] and velocities [B, L, patch_dim].
+
+        Decode mode (model/cache.py): with `cache` = {"k", "v": [depth, B, C, KV, D],
+        "lengths": int [B]}, the L inputs are new tokens run against the cached prefix and
+        segment_ids only marks which of them are real (> 0). Also returns their (k, v), each
+        [depth, B, L, KV, D]; nothing is written here (cache.append decides what is kept)."""
         c, d = self.cfg, self.cfg.decoder
         dt = d.jdtype
         embed = param_with_axes(self, "embed", nn.initializers.normal(0.02),
@@ -88,9 +93,17 @@ class UnifiedModel(nn.Module):
                 vit_patches, vit_pos, jnp.where(is_vit, blocks, 0))
             x = jnp.where(is_vit[..., None], vit.astype(dt), x)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        mask = attention.generalized_causal_mask(segment_ids, blocks, types)
-        h = MoTDecoder(d, name="decoder")(x, is_gen, positions, mask)
+        decoder = MoTDecoder(d, name="decoder")
+        if cache is None:
+            mask = attention.generalized_causal_mask(segment_ids, blocks, types)
+            h = decoder(x, is_gen, positions, mask)
+        else:
+            mask = attention.decode_mask(segment_ids > 0, blocks, types, cache["lengths"],
+                                         cache["k"].shape[2])
+            h, new_kv = decoder(x, is_gen, positions, mask, (cache["k"], cache["v"]))
         logits = DenseGeneral((c.vocab_size,), ("embed", "vocab"), dtype=dt, name="lm_head")(h)
         vel = DenseGeneral((c.patch_dim,), ("embed", "patch"), use_bias=True, dtype=dt,
                            kernel_init=nn.initializers.zeros, name="llm2vae")(h)
-        return logits.astype(jnp.float32), vel.astype(jnp.float32)
+        if cache is None:
+            return logits.astype(jnp.float32), vel.astype(jnp.float32)
+        return logits.astype(jnp.float32), vel.astype(jnp.float32), new_kv

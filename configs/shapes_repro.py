@@ -1,0 +1,20 @@
+"""The shapes reproduction (issue 5): five rows with the same model and the same number of
+training steps, sized for about 2 hours on 2 CPU cores (in the background) or minutes on one
+accelerator.
+
+  python -m strokes_jax reproduce --config configs/shapes_repro.py --workdir runs/repro
+"""
+
+from configs import shapes_tiny
+
+
+def get_config(arg: str | None = None):
+    c = shapes_tiny.get_config(arg)
+    if arg == "test":
+        return c
+    c.data.num_train = 6000
+    c.train.update(steps=1200, log_every=50, eval_every=600, checkpoint_every=600)
+    c.optim.update(total_steps=1200, warmup_steps=60)
+    c.eval.update(prompts_per_tag=10, images_per_prompt=2, iteration_caps=(1, 2, 3))
+    c.self_critique.num_prompts = 600
+    return c
