@@ -3,14 +3,20 @@ training steps, sized for about 2 hours on 2 CPU cores (in the background) or mi
 accelerator.
 
   python -m strokes_jax reproduce --config configs/shapes_repro.py --workdir runs/repro
+Variants: ':quick' is the 15-minute demo's budget per row (400 steps, ~40 minutes in all on
+2 CPU cores), a first look at the ladder; ':test' is for unit tests.
 """
 
 from configs import shapes_tiny
 
 
 def get_config(arg: str | None = None):
-    c = shapes_tiny.get_config(arg)
+    c = shapes_tiny.get_config("test" if arg == "test" else None)
     if arg == "test":
+        return c
+    if arg == "quick":
+        c.eval.update(prompts_per_tag=8, images_per_prompt=1, iteration_caps=(1, 2))
+        c.self_critique.num_prompts = 240
         return c
     c.data.num_train = 6000
     c.train.update(steps=1200, log_every=50, eval_every=600, checkpoint_every=600)

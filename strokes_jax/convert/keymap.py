@@ -111,7 +111,11 @@ class Reader:
     `safetensors.safe_open` so only the requested tensor is ever read into memory."""
 
     def __init__(self, files: Sequence[str]):
-        from safetensors import safe_open  # optional dependency: conversion only
+        try:
+            from safetensors import safe_open  # optional dependency: conversion only
+        except ImportError as e:
+            raise ImportError("converting checkpoints needs safetensors: "
+                              "pip install -e '.[convert]'") from e
 
         self._handles, self._where = [], {}
         for path in files:
