@@ -48,9 +48,10 @@ def stage_sums(*, ce, ce_correct, ce_mask, ce_stages, mse, mse_mask, mse_stages,
     gradient accumulation exact."""
     w_ce = jnp.where(ce_mask, stage_weights[ce_stages], 0.0)
     w_mse = jnp.where(mse_mask, stage_weights[mse_stages], 0.0)
+    trained = ce_mask & (w_ce > 0)  # accuracy over the text the loss actually trains
     out = {"ce_num": jnp.sum(w_ce * ce), "mse_num": jnp.sum(w_mse * mse),
            "ce_n": jnp.sum(ce_mask), "mse_n": jnp.sum(mse_mask),
-           "correct": jnp.sum(jnp.where(ce_mask, ce_correct, 0))}
+           "correct": jnp.sum(jnp.where(trained, ce_correct, 0)), "trained_n": jnp.sum(trained)}
     for i, s in enumerate(STAGE_NAMES):
         m = ce_mask & (ce_stages == i)
         out[f"{s}/ce_sum"] = jnp.sum(jnp.where(m, ce, 0.0))
@@ -74,7 +75,7 @@ def finalize(sums: dict, ce_weight: float, mse_weight: float) -> dict:
     n_ce, n_mse = jnp.maximum(sums["ce_n"], 1), jnp.maximum(sums["mse_n"], 1)
     ce_term, mse_term = sums["ce_num"] / n_ce, sums["mse_num"] / n_mse
     m = {"loss": ce_weight * ce_term + mse_weight * mse_term, "ce": ce_term, "mse": mse_term,
-         "text_accuracy": sums["correct"] / n_ce}
+         "text_accuracy": sums["correct"] / jnp.maximum(sums["trained_n"], 1)}
     for s in STAGE_NAMES:
         n = sums[f"{s}/ce_tokens"]
         m[f"{s}/ce"] = sums[f"{s}/ce_sum"] / jnp.maximum(n, 1)
