@@ -36,6 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         width=128, depth=4, heads=4, kv_heads=4, head_dim=32, mlp=512,
         rope_theta=10000.0, qk_norm=True, qkv_bias=True, norm_eps=1e-6, dtype="float32",
         scan_layers=False, remat="none", attention="xla",
+        time_scale=1.0,  # t fed to the timestep embedder is t * time_scale (BAGEL: 1.0)
     ))
 
     c.flow = dict(train_shift=1.0, sample_shift=1.0, sample_steps=20)

@@ -65,7 +65,7 @@ def test_detector_each_shape_at_sizes_6_to_12(shape):
     for size in range(6, shapes.CELL + 1):
         for color in ("red", "black", "white"):
             obj = Obj(shape, color, 1, 2, size=size)
-            dets = detect.detect(shapes.render((obj,)))
+            dets = detect.detect(shapes.render((obj,)), min_side=6)
             assert len(dets) == 1, (shape, size, dets)
             d = dets[0]
             assert (d.cls, d.box, d.color, d.score) == (shape, obj.box, color, 1.0)
@@ -94,7 +94,28 @@ def test_detector_drops_small_components():
     img = shapes.render(())
     img[5:8, 5:8] = shapes.PALETTE["red"]  # 9 px: under the default minimum area
     assert detect.detect(img) == []
-    assert [d.cls for d in detect.detect(img, min_area=9)] == ["square"]
+    assert [d.cls for d in detect.detect(img, min_area=9, min_side=3)] == ["square"]
+
+
+def test_detector_ignores_blocky_colour_noise():
+    """What an undertrained model draws: patches of palette colours a few pixels wide. Such
+    blobs must not count as objects (they once scored 0.5 on single_object)."""
+    rng = np.random.default_rng(0)
+    names = list(shapes.PALETTE)
+    for _ in range(20):
+        img = shapes.render(())
+        for y in range(0, shapes.CANVAS, 6):
+            for x in range(0, shapes.CANVAS, 6):
+                h, w = rng.integers(3, 6, size=2)  # 1-px gaps: blobs never merge
+                img[y:y + h, x:x + w] = shapes.PALETTE[names[rng.integers(len(names))]]
+        assert detect.detect(img) == []
+    # A real object among the noise is still found.
+    obj = Obj("circle", "blue", 1, 1)
+    img[obj.row * shapes.CELL:(obj.row + 1) * shapes.CELL,
+        obj.col * shapes.CELL:(obj.col + 1) * shapes.CELL] = shapes.BACKGROUND
+    img = np.where((shapes.render((obj,)) != shapes.BACKGROUND).any(-1, keepdims=True),
+                   shapes.render((obj,)), img)
+    assert ("circle", "blue") in [(d.cls, d.color) for d in detect.detect(img)]
 
 
 def test_detector_robust_to_noise():

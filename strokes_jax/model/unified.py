@@ -37,13 +37,16 @@ class ModelConfig:
     latent_grid: tuple[int, int]  # latent tokens per image, (rows, cols)
     decoder: DecoderConfig = DecoderConfig()
     vision: VisionConfig | None = None  # BAGEL's SigLIP + connector; None: no ViT tokens
+    # BAGEL embeds raw t in [0, 1] (1.0). The sinusoids are then nearly linear in t; DiT's
+    # convention multiplies by 1000, which a model trained from scratch may learn faster.
+    time_scale: float = 1.0
 
     @classmethod
     def from_config(cls, cfg) -> "ModelConfig":
         """From an ml_collections `model` block; unknown keys fail with the key named."""
         d = dict(cfg)
         dec_keys = {f.name for f in dataclasses.fields(DecoderConfig)}
-        top = {"vocab_size", "patch_dim", "latent_grid", "vision"}
+        top = {"vocab_size", "patch_dim", "latent_grid", "vision", "time_scale"}
         unknown = set(d) - dec_keys - top
         if unknown:
             raise ValueError(f"unknown config keys model.{sorted(unknown)}")
@@ -56,7 +59,8 @@ class ModelConfig:
             vision = VisionConfig(**v)
         return cls(vocab_size=int(d["vocab_size"]), patch_dim=int(d["patch_dim"]),
                    latent_grid=tuple(d["latent_grid"]),
-                   decoder=DecoderConfig(**{k: d[k] for k in dec_keys if k in d}), vision=vision)
+                   decoder=DecoderConfig(**{k: d[k] for k in dec_keys if k in d}), vision=vision,
+                   time_scale=float(d.get("time_scale", 1.0)))
 
 
 class UnifiedModel(nn.Module):
@@ -83,7 +87,8 @@ class UnifiedModel(nn.Module):
         table = jnp.asarray(sincos_2d(*c.latent_grid, d.width))
         lat = DenseGeneral((d.width,), ("patch", "embed"), use_bias=True, dtype=dt,
                            name="vae2llm")(latents)
-        lat = lat + TimestepEmbedder(d.width, dtype=dt, name="time_embedder")(timesteps)
+        lat = lat + TimestepEmbedder(d.width, dtype=dt, name="time_embedder")(
+            timesteps * c.time_scale)
         lat = lat + jnp.take(table, patch_pos, axis=0).astype(dt)
         is_gen = (types == NOISY) | (types == CLEAN)
         x = jnp.where(is_gen[..., None], lat, text)
