@@ -77,8 +77,8 @@ def main(argv):
         timings["train"] = summary["train_seconds"]
         print(f"trained {summary['start_step']} -> {summary['end_step']} steps; last losses "
               f"{summary['losses'][-3:]}")
-        if cmd == "train":
-            return
+        if cmd == "train" or summary["preempted"]:
+            return  # preempted: the checkpoint is saved; rerun the command to resume
     else:
         setup, summary = loop.restore_for_eval(config, workdir)
     payload = job.run(setup, config, workdir, config_name, summary, timings)

@@ -28,3 +28,19 @@ def test_reproduce_writes_the_ablation_table(tmp_path):
     assert sum(out["self_critique_outcomes"].values()) == c.self_critique.num_prompts
     table = open(tmp_path / "reproduction.md").read()
     assert all(f"| {row} |" in table for row in reproduce.ROWS)
+
+
+def test_a_preempted_row_stops_the_reproduction(tmp_path, monkeypatch):
+    import pytest
+    from strokes_jax.train import loop
+
+    calls = []
+
+    def preempted_train(c, workdir, *a, **k):
+        calls.append(workdir)
+        return None, {"preempted": True, "end_step": 1, "losses": []}
+
+    monkeypatch.setattr(loop, "train", preempted_train)
+    with pytest.raises(reproduce.Preempted, match="preempted at step 1"):
+        reproduce.run(shapes_repro.get_config("test"), "x", str(tmp_path))
+    assert len(calls) == 1  # no later row started

@@ -33,8 +33,20 @@ def row_config(config, row: str):
     return c
 
 
-def _train_eval(c, workdir: str, modes, name: str):
+class Preempted(RuntimeError):
+    """A row's training stopped on a preemption notice: the reproduction stops too (its
+    checkpoints stay; rerunning the command resumes the row)."""
+
+
+def _train(c, workdir: str):
     setup, summary = loop.train(c, workdir)
+    if summary["preempted"]:
+        raise Preempted(f"training in {workdir} was preempted at step {summary['end_step']}")
+    return setup, summary
+
+
+def _train_eval(c, workdir: str, modes, name: str):
+    setup, summary = _train(c, workdir)
     payload = job.run(setup, c, workdir, name, summary, {"train": summary["train_seconds"]},
                       modes=modes)
     return setup, summary, payload
@@ -55,7 +67,7 @@ def run(config, config_name: str, workdir: str, rows=ROWS) -> dict:
         else:
             p1 = copy.deepcopy(c)
             p1.train.steps = p1.optim.total_steps = total - int(round(frac * total))
-            setup, _ = loop.train(p1, rowdir + "_phase1")
+            setup, _ = _train(p1, rowdir + "_phase1")
             crit = job.self_critique(setup, p1, rowdir + "_phase1")
             c.train.init_from = rowdir + "_phase1"
             c.train.steps = c.optim.total_steps = total - p1.train.steps
