@@ -9,6 +9,8 @@ jitted function is compiled once in a module-level fixture and reused.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import re
 
@@ -357,8 +359,9 @@ def test_e2e_clean_latent_visible_bidirectionally(apply_fn, params, row, base, b
 
 @pytest.fixture(scope="module")
 def decoder_grad(cfg):
-    m = dict(cfg.model)
-    dc = DecoderConfig(**m)
+    # The decoder's own keys of the model block (the rest belong to ModelConfig).
+    keys = {f.name for f in dataclasses.fields(DecoderConfig)}
+    dc = DecoderConfig(**{k: v for k, v in dict(cfg.model).items() if k in keys})
     dec = MoTDecoder(dc)
     L = 12
     x = jax.random.normal(jax.random.PRNGKey(0), (1, L, dc.width))
