@@ -18,10 +18,11 @@ import flax.linen as nn
 
 from strokes_jax.data import pipeline
 from strokes_jax.evaluate import report
-from strokes_jax.model.unified import ModelConfig, UnifiedModel
+from strokes_jax.model.unified import ModelConfig
 from strokes_jax.tokenizer import CLEAN, NOISY, TEXT
 from strokes_jax.train import flops as fl
 from strokes_jax.train import sharding as shd
+from strokes_jax.train import loop
 from strokes_jax.train import state as st
 from strokes_jax.train import step as sp
 
@@ -75,18 +76,13 @@ def run(config, config_name: str, workdir: str) -> dict:
     b = config.bench
     mc = ModelConfig.from_config({**config.model.to_dict(), "vocab_size": b.vocab_size,
                                   "patch_dim": b.patch_dim, "latent_grid": tuple(b.latent_grid)})
-    model = UnifiedModel(mc)
-    mesh = shd.make_mesh(config.mesh["shape"])
-    accum = config.train.accum_steps
-    shd.check_batch(config.data.batch_size, mesh, accum, jax.process_count())
-    tx = st.make_optimizer(config.optim)
     t0 = time.time()
-    state, shardings = st.create_state(model, tx, mesh, config.rules, config.seed, mc.patch_dim,
-                                       ema=config.optim.ema_decay > 0)
+    s = loop.setup(config, model_cfg=mc)  # the training path's checks and sharded init
     init_s = time.time() - t0
-    ratio = shd.check_sufficiently_sharded(state.params, mesh, config.train.shard_tolerance)
+    mesh, state, accum = s.mesh, s.state, config.train.accum_steps
+    ratio = shd.sharded_fraction(state.params, mesh)
     lc = sp.LossConfig.from_config(config)
-    train_step, _ = sp.jit_steps(model, tx, lc, mesh, shardings, accum_steps=accum,
+    train_step, _ = sp.jit_steps(s.model, s.tx, lc, mesh, s.shardings, accum_steps=accum,
                                  ema_decay=config.optim.ema_decay)
     rows, L = config.data.batch_size // jax.process_count(), config.data.seq_len
     num_patches = mc.latent_grid[0] * mc.latent_grid[1]

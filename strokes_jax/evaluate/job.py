@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 
+from clu import metric_writers
+
+from strokes_jax.data import self_critique as sc
 from strokes_jax.evaluate import report, shapes_bench
 from strokes_jax.generate import Generator
 
@@ -24,36 +29,19 @@ def make_generator(setup, config, seed: int = 0) -> Generator:
     return Generator(setup.model, setup.state.eval_params(), setup.etok, **kw)
 
 
-def _to_tensorboard(workdir: str, payload: dict, strips) -> None:
+def _to_tensorboard(workdir: str, payload: dict, filmstrips: dict) -> None:
     """Scores and filmstrips next to the training curves (TensorBoard under <workdir>/tb)."""
-    import os
-
-    import numpy as np
-    from PIL import Image
-    from clu import metric_writers
-
     step = int(payload.get("train", {}).get("end_step", 0))
     w = metric_writers.create_default_writer(os.path.join(workdir, "tb"), just_logging=False)
     for mode, r in payload["results"].items():
         w.write_scalars(step, {f"eval/{mode}/{k}": v for k, v in r["scores"].items()})
-    folder = os.path.join(workdir, "report", "filmstrips")
-    images = {}
-    for name, *_ in strips:
-        fname = os.path.join(folder, name.replace(" ", "_") + ".png")
-        if os.path.exists(fname):
-            images[f"filmstrips/{name.replace(' ', '_')}"] = np.asarray(Image.open(fname).convert("RGB"))[None]
-    if images:
-        w.write_images(step, images)
+    if filmstrips:
+        w.write_images(step, {f"filmstrips/{n}": img[None] for n, img in filmstrips.items()})
     w.flush()
 
 
 def self_critique(setup, config, workdir: str) -> dict:
     """Self-sampled critique episodes from the trained model, as a new ArrayRecord split."""
-    import json
-    import os
-
-    from strokes_jax.data import self_critique as sc
-
     c = config.self_critique
     out_dir = os.path.join(workdir, "self_critique")
     os.makedirs(out_dir, exist_ok=True)
@@ -108,8 +96,9 @@ def run(setup, config, workdir: str, config_name: str, train_summary: dict | Non
         "samples": {m: [x.row() for x in s] for m, s in samples.items()},
     }
     t0 = time.time()
-    path = report.write(workdir, payload, [(n.replace(" ", "_"), p, t, im) for n, p, t, im in strips])
-    _to_tensorboard(workdir, payload, strips)
+    path, rendered = report.write(workdir, payload,
+                                  [(n.replace(" ", "_"), p, t, im) for n, p, t, im in strips])
+    _to_tensorboard(workdir, payload, rendered)
     payload["report_path"] = path
     timings["report"] = time.time() - t0
     return payload

@@ -46,7 +46,7 @@ def _clean(text: str) -> str:
 
 
 def filmstrip(prompt: str, text: str, images: Sequence[np.ndarray], path: str,
-              title: str = "") -> None:
+              title: str = "") -> np.ndarray:
     """One panel per image, captioned with the text written since the previous image, plus a
     final text panel for what followed the last image (inspection, end marker)."""
     parts = text.split("<image>")
@@ -74,6 +74,7 @@ def filmstrip(prompt: str, text: str, images: Sequence[np.ndarray], path: str,
         for j, line in enumerate(lines[i]):
             draw.text((x, 40 + side + 12 * j), line, fill="black", font=font)
     canvas.save(path)
+    return np.asarray(canvas)
 
 
 def score_table(results: dict[str, dict]) -> str:
@@ -91,13 +92,14 @@ def score_table(results: dict[str, dict]) -> str:
 
 
 def write(workdir: str, payload: dict, strips: Sequence[tuple[str, str, str, Sequence[np.ndarray]]]):
-    """payload: JSON-able results; strips: (name, prompt, text, images). Returns report path."""
+    """payload: JSON-able results; strips: (name, prompt, text, images). Returns the report
+    path and the rendered filmstrips by name."""
     out = os.path.join(workdir, "report")
     os.makedirs(os.path.join(out, "filmstrips"), exist_ok=True)
-    names = []
+    names, rendered = [], {}
     for name, prompt, text, images in strips:
         fname = os.path.join("filmstrips", f"{name}.png")
-        filmstrip(prompt, text, images, os.path.join(out, fname), title=name)
+        rendered[name] = filmstrip(prompt, text, images, os.path.join(out, fname), title=name)
         names.append(fname)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(payload, f, indent=1, default=str)
@@ -122,7 +124,7 @@ def write(workdir: str, payload: dict, strips: Sequence[tuple[str, str, str, Seq
         f.write("\n".join(md) + "\n")
     with open(os.path.join(out, "report.html"), "w") as f:
         f.write(to_html(md))
-    return path
+    return path, rendered
 
 
 def to_html(md_lines: Sequence[str]) -> str:

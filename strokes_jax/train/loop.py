@@ -56,15 +56,17 @@ def model_config(config, etok: tk.EpisodeTokenizer) -> ModelConfig:
                                     "patch_dim": etok.patch_dim, "latent_grid": (grid, grid)})
 
 
-def setup(config, devices=None) -> Setup:
-    """Validate the config against the mesh, then create the state already sharded."""
+def setup(config, devices=None, model_cfg: ModelConfig | None = None) -> Setup:
+    """Validate the config against the mesh, then create the state already sharded.
+    `model_cfg` replaces the one derived from the world's tokenizer (the benchmark's
+    synthetic vocabularies and latent sizes)."""
     etok = episode_tokenizer(config)
-    model = UnifiedModel(model_config(config, etok))
+    model = UnifiedModel(model_cfg or model_config(config, etok))
     mesh = shd.make_mesh(config.mesh["shape"], devices)
     shd.check_batch(config.data.batch_size, mesh, config.train.accum_steps, jax.process_count())
     tx = st.make_optimizer(config.optim)
-    state, shardings = st.create_state(model, tx, mesh, config.rules, config.seed, etok.patch_dim,
-                                       ema=config.optim.ema_decay > 0)
+    state, shardings = st.create_state(model, tx, mesh, config.rules, config.seed,
+                                       model.cfg.patch_dim, ema=config.optim.ema_decay > 0)
     shd.check_sufficiently_sharded(state.params, mesh, config.train.shard_tolerance)
     return Setup(config, etok, model, mesh, tx, state, shardings)
 
