@@ -7,8 +7,8 @@ Variants (`--config configs/bagel7b_process.py:<arg>`):
   gpu8  mesh for 8 GPUs on one host (the paper's 8x H100)
   test  the same architecture shrunk to a few thousand parameters, for tests
 
-Weights come from `python -m strokes_jax.convert bagel` (ema.safetensors + ae.safetensors ->
-Orbax); `python -m strokes_jax.convert params --config this` prints the parameter counts.
+Weights come from `python -m strokes_jax convert bagel` (ema.safetensors + ae.safetensors ->
+Orbax); `python -m strokes_jax convert params --config this` prints the parameter counts.
 """
 
 import ml_collections
@@ -30,6 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         shuffle_buffer_seed=0,
         # CFG dropout of the conditions (BAGEL SFT; paper silent).
         cfg_dropout=dict(text=0.1, vit=0.5, vae=0.1),
+        # Pack every image three times, noisy / clean latents / ViT tokens (PAPER.md
+        # section 6); the ViT patch size and position table come from model.vision.
+        vit_copies=True,
     ))
 
     # Qwen2.5-7B decoder with a full generation expert (MoT); SigLIP2-so400m/14 with 26 of 27

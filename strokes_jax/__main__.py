@@ -9,6 +9,9 @@ Commands:
   reproduce   the ablation ladder (single-pass ... + self-sampled critique), one table
   self-critique  sample the trained model on training prompts, inspect with the exact checker,
               write the critique episodes to <workdir>/self_critique/ (ArrayRecord + stats)
+  convert     `convert bagel --ema ... --ae ... --out DIR` or `convert params`: BAGEL-7B-MoT
+              safetensors -> Orbax (strokes_jax/convert/__main__.py; its own options, so
+              `convert` must come first and --workdir does not apply)
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ def _print_summary(payload: dict) -> None:
 def main(argv):
     if len(argv) != 2 or argv[1] not in COMMANDS:
         raise app.UsageError(f"usage: python -m strokes_jax {{{'|'.join(COMMANDS)}}} "
-                             f"[--workdir DIR] [--config FILE]")
+                             f"[--workdir DIR] [--config FILE], or python -m strokes_jax "
+                             f"convert {{bagel|params}} ... (convert first)")
     cmd, config, workdir = argv[1], FLAGS.config, FLAGS.workdir
     config_name = os.path.basename(config_flags.get_config_filename(FLAGS["config"]))
     # Orbax and TFDS log every file operation at INFO; progress is printed instead.
@@ -87,6 +91,11 @@ def main(argv):
 
 
 def run():
+    # convert has its own argparse options (--ema, --ae, --out, a plain-path --config) that
+    # absl's flag parser would reject or misread, so it is dispatched before absl sees argv.
+    if sys.argv[1:2] == ["convert"]:
+        from strokes_jax.convert.__main__ import main as convert_main
+        sys.exit(convert_main(sys.argv[2:], prog="python -m strokes_jax convert"))
     app.run(main)
 
 

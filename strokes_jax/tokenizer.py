@@ -15,6 +15,21 @@ Noisy latents carry the flow loss and are hidden from every later token; the cle
 with its markers, is what later tokens see. A text token's CE target is the next token of
 the sequence with noisy segments removed, so `<|im_end|>` learns to predict
 `<|vision_start|>` (the modality switch) and `<|vision_end|>` predicts what follows the image.
+
+With `vit_patch` set (BAGEL's understanding path), every image, generated or context, is
+followed by a ViT copy, its own bidirectional block:
+
+  [noisy] <|vision_start|> [clean] <|vision_end|> <|vision_start|> [ViT] <|vision_end|>
+
+ViT tokens (type VIT) carry uint8 pixel patches at the ViT patch size (`vit_patches`) and
+their index into the ViT's learned position table (`vit_pos` = row * vit_max_side + col).
+As in BAGEL's pack_sequence, each image element holds one RoPE position: the noisy and clean
+copies share position r (the clean copy replaces the noisy one at inference), the ViT copy
+with its markers is the next element at r + 1, and the following text starts at r + 2. The mask needs no new rule: the ViT block comes after the
+clean one, so it sees the clean copy and what came before (as BAGEL's "full" split does),
+never the noisy copy, and every later token sees both clean and ViT copies. The ViT copy is
+forced by the layout, not predicted: the clean copy's `<|vision_end|>` has no CE target and
+the ViT copy's `<|vision_end|>` predicts what follows the image.
 """
 
 from __future__ import annotations
@@ -37,7 +52,8 @@ TAGS = ("<ins>", "</ins>", "<des>", "</des>", "<inspect>", "</inspect>", "<refin
 SPECIALS = (PAD, UNK, IM_START, IM_END, VISION_START, VISION_END, END_OF_EPISODE) + TAGS
 
 # Token types (expert routing: latents go to the generation expert, the rest to understanding).
-TEXT, NOISY, CLEAN = 0, 1, 2
+# VIT must equal strokes_jax.model.unified.VIT (that module imports this one, not vice versa).
+TEXT, NOISY, CLEAN, VIT = 0, 1, 2, 3
 
 
 class TokenizerError(ValueError):
@@ -111,6 +127,14 @@ def unpatchify(tokens: np.ndarray, hw: tuple[int, int], patch: int, channels: in
 
 FIELDS = ("tokens", "types", "stages", "targets", "target_stages", "positions", "blocks",
           "patch_pos")
+# Extra per-token arrays when the ViT copy is packed: uint8 [n, vit_patch_dim] and int32 [n].
+VIT_FIELDS = ("vit_patches", "vit_pos")
+
+
+def vit_positions(h_patches: int, w_patches: int, max_side: int) -> np.ndarray:
+    """BAGEL's "extrapolate" ViT position ids, row * max_side + col, row-major like patchify."""
+    rows, cols = np.meshgrid(np.arange(h_patches), np.arange(w_patches), indexing="ij")
+    return (rows * max_side + cols).reshape(-1).astype(np.int32)
 
 
 class EpisodeTokenizer:
@@ -120,20 +144,48 @@ class EpisodeTokenizer:
     text token, 0 = no CE target), target_stages, positions (RoPE: text advances per token,
     an image with its markers and both copies holds one position), blocks (bidirectional
     group: 0 for text, 1.. for each image copy), patch_pos (index into the 2-D table),
-    patches (uint8 [n, patch_dim]).
+    patches (uint8 [n, patch_dim]); with `vit_patch` set also vit_patches (uint8
+    [n, vit_patch_dim], zero outside ViT copies) and vit_pos (int32, 0 outside them).
+
+    vit_patch: None packs no ViT copy (the default layout, unchanged); an int packs one per
+    image at that patch size. vit_max_side: side of the ViT's learned position table
+    (BAGEL: 70), which sets vit_pos and bounds the image's patch grid.
     """
 
-    def __init__(self, tokenizer: Tokenizer, image_shape: tuple[int, int, int], patch: int):
+    def __init__(self, tokenizer: Tokenizer, image_shape: tuple[int, int, int], patch: int,
+                 vit_patch: int | None = None, vit_max_side: int = 70):
         self.tok = tokenizer
         self.image_shape = tuple(image_shape)
         self.patch = patch
         h, w, c = self.image_shape
         self.num_patches = (h // patch) * (w // patch)
         self.patch_dim = patch * patch * c
+        self.vit_patch = vit_patch
+        self.vit_num_patches, self.vit_patch_dim = 0, None
+        if vit_patch is not None:
+            self._check_vit(vit_patch, vit_max_side)
+            self.vit_num_patches = (h // vit_patch) * (w // vit_patch)
+            self.vit_patch_dim = vit_patch * vit_patch * c
+            self.vit_pos = vit_positions(h // vit_patch, w // vit_patch, vit_max_side)
+
+    def _check_vit(self, vit_patch: int, max_side: int) -> None:
+        # Every episode's images have image_shape (Episode.validate), so the ViT grid is
+        # checked once here rather than per record.
+        h, w, _ = self.image_shape
+        if not isinstance(vit_patch, int) or vit_patch <= 0:
+            raise ValueError(f"EpisodeTokenizer vit_patch: {vit_patch!r} is not a positive int")
+        if h % vit_patch or w % vit_patch:
+            raise ValueError(f"EpisodeTokenizer vit_patch: image {h}x{w} is not divisible by "
+                             f"ViT patch size {vit_patch}")
+        if h // vit_patch > max_side or w // vit_patch > max_side:
+            raise ValueError(f"EpisodeTokenizer vit_max_side: a {h // vit_patch}x{w // vit_patch} "
+                             f"ViT patch grid exceeds the {max_side}x{max_side} position table")
 
     def image_tokens(self) -> int:
-        """Sequence positions one image takes: noisy copy + markers + clean copy."""
-        return 2 * self.num_patches + 2
+        """Sequence positions one generated image takes: noisy copy + markers + clean copy
+        (+ markers + ViT copy when packed)."""
+        vit = self.vit_num_patches + 2 if self.vit_patch is not None else 0
+        return 2 * self.num_patches + 2 + vit
 
     def text_ids(self, stage: int, text: str, record: str) -> tuple[list[int], list[int]]:
         """Ids and per-token stages of <|im_start|> text <|im_end|>; <refine> spans are REFINE."""
@@ -152,11 +204,19 @@ class EpisodeTokenizer:
         patches: list[np.ndarray] = []
         zero_patch = np.zeros((self.patch_dim,), np.uint8)
         pos, block = 0, 0
+        vit = self.vit_patch is not None
+        vit_patches: list[np.ndarray] = []
+        vit_pos: list[int] = []
+        forced: list[int] = []  # positions the layout places, which no token predicts
+        zero_vit = np.zeros((self.vit_patch_dim,), np.uint8) if vit else None
 
-        def put(tok, typ, stage, position, blk, ppos, patch):
+        def put(tok, typ, stage, position, blk, ppos, patch, vpatch=None, vpos=0):
             for k, v in zip(FIELDS, (tok, typ, stage, 0, 0, position, blk, ppos)):
                 cols[k].append(v)
             patches.append(patch)
+            if vit:
+                vit_patches.append(zero_vit if vpatch is None else vpatch)
+                vit_pos.append(vpos)
 
         for stage, modality, content in episode.segments():
             if modality == "text":
@@ -175,22 +235,37 @@ class EpisodeTokenizer:
                 for j in range(self.num_patches):
                     put(self.tok.pad_id, CLEAN, stage, pos, block, j, p[j])
                 put(self.tok.vision_end, TEXT, stage, pos, block, 0, zero_patch)
+                if vit:  # its own element, at the next RoPE position (BAGEL)
+                    pos += 1
+                    block += 1
+                    forced.append(len(patches))
+                    vp = patchify(np.asarray(content), self.vit_patch)
+                    put(self.tok.vision_start, TEXT, stage, pos, block, 0, zero_patch)
+                    for j in range(self.vit_num_patches):
+                        put(self.tok.pad_id, VIT, stage, pos, block, 0, zero_patch, vp[j],
+                            int(self.vit_pos[j]))
+                    put(self.tok.vision_end, TEXT, stage, pos, block, 0, zero_patch)
                 pos += 1
         put(self.tok.end_of_episode, TEXT, ep.PLAN, pos, 0, 0, zero_patch)
 
         out = {k: np.asarray(v, np.int32) for k, v in cols.items()}
         out["patches"] = np.stack(patches).astype(np.uint8)
-        _set_targets(out, self.tok.vision_start)
+        if vit:
+            out["vit_patches"] = np.stack(vit_patches).astype(np.uint8)
+            out["vit_pos"] = np.asarray(vit_pos, np.int32)
+        _set_targets(out, self.tok.vision_start, forced)
         return out
 
 
-def _set_targets(out: dict[str, np.ndarray], vision_start: int) -> None:
+def _set_targets(out: dict[str, np.ndarray], vision_start: int, forced=()) -> None:
     """targets[i] = next token of the clean stream, for text tokens outside image blocks and
-    for <|vision_end|> (which closes its block); latents and <|vision_start|> get none."""
+    for <|vision_end|> (which closes its block); latents, ViT tokens and <|vision_start|> get
+    none, nor does a token followed by a `forced` position (a ViT copy's opening marker)."""
     types, blocks, tokens = out["types"], out["blocks"], out["tokens"]
+    forced = set(forced)
     clean = np.nonzero(types != NOISY)[0]
     for a, b in zip(clean[:-1], clean[1:]):
-        if types[a] != TEXT or types[b] != TEXT:
+        if types[a] != TEXT or types[b] != TEXT or b in forced:
             continue
         if blocks[a] != 0 and tokens[a] == vision_start:
             continue

@@ -262,6 +262,32 @@ def test_cli_keeps_bfloat16(synthetic, tmp_path):
     np.testing.assert_array_equal(np.asarray(q, np.float32), params["decoder"]["layer_0"]["q_gen"]["kernel"])
 
 
+def test_convert_subcommand_of_the_main_entry(synthetic, tmp_path):
+    """`python -m strokes_jax convert bagel ...`, in a fresh process as a user runs it, takes
+    the same arguments as `python -m strokes_jax.convert bagel ...`."""
+    import os
+    import subprocess
+    import sys
+    d, params, _, _, _ = synthetic
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "strokes_jax", "convert", "bagel",
+           "--ema", str(d / "ema.safetensors"), "--ae", str(d / "ae.safetensors"),
+           "--out", str(out), "--config", f"{bagel7b_process.__file__}:test"]
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"wrote {out}" in res.stdout
+    got = bagel.load_converted(str(out))
+    q = got["model"]["decoder"]["layers"]["block"]["q_gen"]["kernel"][0]
+    assert q.dtype == jnp.float32  # the default --dtype
+    np.testing.assert_array_equal(q, params["decoder"]["layer_0"]["q_gen"]["kernel"])
+    # Bad arguments fail in the shared parser, under the subcommand's name.
+    res = subprocess.run([sys.executable, "-m", "strokes_jax", "convert", "bagel"], cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "python -m strokes_jax convert bagel" in res.stderr
+    assert "--ema" in res.stderr
+
+
 def test_package_does_not_import_torch():
     import subprocess
     import sys

@@ -1,4 +1,5 @@
-"""`python -m strokes_jax.convert <command>`:
+"""`python -m strokes_jax convert <command>` (or `python -m strokes_jax.convert <command>`;
+both run `main` below with the same parser):
 
   bagel   --ema ema.safetensors --ae ae.safetensors --out DIR [--tokenizer tokenizer.json]
           [--config configs/bagel7b_process.py[:variant]] [--dtype float32|bfloat16|keep]
@@ -35,8 +36,8 @@ def configs_of(config):
     return ModelConfig.from_config(config.model), AEConfig(**vae)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m strokes_jax.convert")
+def build_parser(prog: str = "python -m strokes_jax.convert") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bagel")
     b.add_argument("--ema", required=True)
@@ -50,7 +51,12 @@ def main(argv=None) -> int:
     b.add_argument("--init_gen_from_und", action="store_true")
     p = sub.add_parser("params")
     p.add_argument("--config", default=DEFAULT_CONFIG)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None, prog: str = "python -m strokes_jax.convert") -> int:
+    """Runs a conversion command; argv without the program name (sys.argv[1:] by default)."""
+    args = build_parser(prog).parse_args(argv)
 
     cfg, ae_cfg = configs_of(load_config(args.config))
     if args.cmd == "params":

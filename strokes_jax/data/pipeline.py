@@ -33,7 +33,7 @@ from strokes_jax import tokenizer as tk
 
 log = logging.getLogger(__name__)
 
-ROW_FIELDS = tk.FIELDS + ("patches", "segment_ids")
+ROW_FIELDS = tk.FIELDS + ("patches", "segment_ids")  # + tk.VIT_FIELDS with the ViT copy
 
 
 class TooManyBadRecords(RuntimeError):
@@ -148,15 +148,26 @@ class _Row:
         self.parts: list[dict[str, np.ndarray]] = []
         self.length = 0
 
-    def finish(self, seq_len: int, pad_id: int, patch_dim: int) -> dict[str, np.ndarray]:
+    def finish(self, seq_len: int, pad_id: int, patch_dim: int,
+               vit_patch_dim: int | None = None) -> dict[str, np.ndarray]:
+        """The packed row; with `vit_patch_dim`, also the ViT copy's fields (tk.VIT_FIELDS),
+        zero on padding and outside ViT tokens."""
         out = {k: np.zeros((seq_len,), np.int32) for k in tk.FIELDS + ("segment_ids",)}
         out["tokens"][:] = pad_id
         out["patches"] = np.zeros((seq_len, patch_dim), np.uint8)
+        fields = tk.FIELDS
+        if vit_patch_dim is not None:
+            out["vit_patches"] = np.zeros((seq_len, vit_patch_dim), np.uint8)
+            out["vit_pos"] = np.zeros((seq_len,), np.int32)
+            fields = tk.FIELDS + tk.VIT_FIELDS
         at, block_base = 0, 0
         for seg, part in enumerate(self.parts, start=1):
             n = len(part["tokens"])
             sl = slice(at, at + n)
-            for k in tk.FIELDS:
+            missing = [k for k in fields if k not in part]
+            if missing:  # a tokenizer without the ViT copy feeding a ViT packer, or vice versa
+                raise KeyError(f"packed episode #{seg} of the row lacks {missing}")
+            for k in fields:
                 out[k][sl] = part[k]
             # Attention groups images by block id; offsetting keeps two episodes' images in
             # distinct groups within the row, while 0 (text) stays 0.
@@ -188,10 +199,11 @@ class PackIterator(grain.DatasetIterator):
     """
 
     def __init__(self, parent: grain.DatasetIterator, *, seq_len: int, num_rows: int,
-                 pad_id: int, patch_dim: int, skips: SkipCounter):
+                 pad_id: int, patch_dim: int, skips: SkipCounter,
+                 vit_patch_dim: int | None = None):
         super().__init__(parent)
         self._seq_len, self._num_rows = seq_len, num_rows
-        self._pad_id, self._patch_dim = pad_id, patch_dim
+        self._pad_id, self._patch_dim, self._vit_patch_dim = pad_id, patch_dim, vit_patch_dim
         self._skips = skips
         self._rows: list[dict[str, np.ndarray]] | None = None
         self._emitted = 0
@@ -237,7 +249,8 @@ class PackIterator(grain.DatasetIterator):
             row.parts.append(item.arrays)
             row.length += n
             item = self._read()
-        self._rows = [r.finish(self._seq_len, self._pad_id, self._patch_dim) for r in rows]
+        self._rows = [r.finish(self._seq_len, self._pad_id, self._patch_dim,
+                               self._vit_patch_dim) for r in rows]
 
     def __next__(self) -> dict[str, np.ndarray]:
         while self._rows is None or self._emitted >= len(self._rows):
@@ -268,10 +281,11 @@ class PackIterDataset(grain.IterDataset):
     Each iterator counts into `skips`, so make one iterator per counter."""
 
     def __init__(self, parent: grain.IterDataset, *, seq_len: int, pad_id: int,
-                 patch_dim: int, skips: SkipCounter, num_rows: int = 8):
+                 patch_dim: int, skips: SkipCounter, num_rows: int = 8,
+                 vit_patch_dim: int | None = None):
         super().__init__(parent)
         self._kw = dict(seq_len=seq_len, num_rows=num_rows, pad_id=pad_id,
-                        patch_dim=patch_dim, skips=skips)
+                        patch_dim=patch_dim, skips=skips, vit_patch_dim=vit_patch_dim)
 
     def __iter__(self) -> PackIterator:
         return PackIterator(self._parent.__iter__(), **self._kw)
@@ -280,8 +294,9 @@ class PackIterDataset(grain.IterDataset):
         return f"PackIterDataset(seq_len={self._kw['seq_len']}, rows={self._kw['num_rows']})"
 
 
-def empty_row(seq_len: int, pad_id: int, patch_dim: int) -> dict[str, np.ndarray]:
-    return _Row().finish(seq_len, pad_id, patch_dim)
+def empty_row(seq_len: int, pad_id: int, patch_dim: int,
+              vit_patch_dim: int | None = None) -> dict[str, np.ndarray]:
+    return _Row().finish(seq_len, pad_id, patch_dim, vit_patch_dim)
 
 
 # -- construction --------------------------------------------------------------------------
@@ -321,7 +336,8 @@ def make_dataset(source: Sequence[Any], tokenizer: tk.EpisodeTokenizer, *, seq_l
     if num_workers:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     it = PackIterDataset(it, seq_len=seq_len, pad_id=tokenizer.tok.pad_id,
-                         patch_dim=tokenizer.patch_dim, skips=skips, num_rows=num_rows)
+                         patch_dim=tokenizer.patch_dim, skips=skips, num_rows=num_rows,
+                         vit_patch_dim=tokenizer.vit_patch_dim)
     return it.batch(batch_size, drop_remainder=drop_remainder)
 
 
@@ -333,7 +349,9 @@ def make_train_iter(source: Sequence[Any], tokenizer: tk.EpisodeTokenizer, *, se
                     process_count: int | None = None) -> grain.DatasetIterator:
     """Checkpointable iterator of per-process batches (global_batch_size / process_count
     rows, remainder dropped): dict of numpy arrays [rows, seq_len] (patches
-    [rows, seq_len, patch_dim] uint8). Pass `skips` to read the bad-record counters."""
+    [rows, seq_len, patch_dim] uint8; with the tokenizer's ViT copy also vit_patches
+    [rows, seq_len, vit_patch_dim] uint8 and vit_pos). Pass `skips` to read the bad-record
+    counters."""
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
     skips = SkipCounter() if skips is None else skips
@@ -360,7 +378,8 @@ def make_eval_iter(source: Sequence[Any], tokenizer: tk.EpisodeTokenizer, *, seq
                       shuffle=False, repeat=False, skips=skips,
                       num_rows=num_rows, num_threads=num_threads, prefetch=prefetch,
                       process_index=pi, process_count=pc, drop_remainder=False)
-    empty = empty_row(seq_len, tokenizer.tok.pad_id, tokenizer.patch_dim)
+    empty = empty_row(seq_len, tokenizer.tok.pad_id, tokenizer.patch_dim,
+                      tokenizer.vit_patch_dim)
     return iter(ds.map(lambda b: pad_batch(b, rows, empty)))
 
 

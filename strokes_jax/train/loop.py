@@ -47,7 +47,18 @@ def episode_tokenizer(config) -> tk.EpisodeTokenizer:
     if w["name"] != "shapes":
         raise ValueError(f"config key world.name: unknown world {w['name']!r}")
     return tk.EpisodeTokenizer(tk.Tokenizer.shapes(), (w["image_size"], w["image_size"], 3),
-                               w["patch"])
+                               w["patch"], **vit_packing(config))
+
+
+def vit_packing(config) -> dict:
+    """data.vit_copies: pack a ViT copy of every image (tokenizer.py). Its patch size and
+    position table come from model.vision, so data and model cannot disagree."""
+    if not config.data.get("vit_copies", False):
+        return {}
+    vision = config.model.get("vision")
+    if not vision:
+        raise ValueError("config key data.vit_copies needs model.vision (the ViT to read them)")
+    return dict(vit_patch=int(vision["patch"]), vit_max_side=int(vision["max_side"]))
 
 
 def model_config(config, etok: tk.EpisodeTokenizer) -> ModelConfig:
@@ -144,7 +155,7 @@ def evaluate_loss(s: Setup, eval_step, source, config) -> dict[str, float]:
 
 
 def _batch(b, mesh):
-    return pipeline.to_global({k: b[k] for k in sp.BATCH_KEYS}, mesh)
+    return pipeline.to_global({k: b[k] for k in sp.batch_keys(b)}, mesh)
 
 
 def train_iterator(config, etok, source, skips):

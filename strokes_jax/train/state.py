@@ -39,11 +39,17 @@ def make_optimizer(cfg) -> optax.GradientTransformation:
         optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
 
 
-def dummy_inputs(batch: int, length: int, patch_dim: int):
+def dummy_inputs(batch: int, length: int, patch_dim: int, vision=None):
+    """Init inputs; with a VisionConfig also ViT inputs, since the vision tower's params are
+    only created when the model is called with them."""
     z = jnp.zeros((batch, length), jnp.int32)
-    return dict(tokens=z, types=z, positions=z, segment_ids=jnp.ones_like(z), blocks=z,
-                patch_pos=z, latents=jnp.zeros((batch, length, patch_dim), jnp.float32),
-                timesteps=jnp.zeros((batch, length), jnp.float32))
+    out = dict(tokens=z, types=z, positions=z, segment_ids=jnp.ones_like(z), blocks=z,
+               patch_pos=z, latents=jnp.zeros((batch, length, patch_dim), jnp.float32),
+               timesteps=jnp.zeros((batch, length), jnp.float32))
+    if vision is not None:
+        out.update(vit_patches=jnp.zeros((batch, length, vision.patch_dim), jnp.float32),
+                   vit_pos=z)
+    return out
 
 
 def create_state(model: UnifiedModel, tx, mesh, rules, seed: int, patch_dim: int,
@@ -55,7 +61,7 @@ def create_state(model: UnifiedModel, tx, mesh, rules, seed: int, patch_dim: int
 
     def init(rng):
         params_rng, state_rng = jax.random.split(rng)
-        params = model.init(params_rng, **dummy_inputs(1, 8, patch_dim))["params"]
+        params = model.init(params_rng, **dummy_inputs(1, 8, patch_dim, model.cfg.vision))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=tx.init(params), rng=state_rng,
                           ema_params=params if ema else None)

@@ -17,6 +17,12 @@ from strokes_jax.train import sharding as shd
 
 BATCH_KEYS = ("tokens", "types", "stages", "targets", "target_stages", "positions", "blocks",
               "patch_pos", "patches", "segment_ids")
+VIT_KEYS = ("vit_patches", "vit_pos")  # present when the rows pack ViT copies
+
+
+def batch_keys(row) -> tuple[str, ...]:
+    """The keys a step reads from a packed batch: BATCH_KEYS, plus VIT_KEYS when it has them."""
+    return BATCH_KEYS + (VIT_KEYS if "vit_patches" in row else ())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +44,12 @@ def to_latents(patches):
     return patches.astype(jnp.float32) / 127.5 - 1.0
 
 
+def to_vit_pixels(patches):
+    """uint8 pixels -> [-1, 1], the ViT's input range: SigLIP normalises with mean = std =
+    0.5 (BAGEL's ViT transform), i.e. x / 127.5 - 1, the same map as to_latents."""
+    return patches.astype(jnp.float32) / 127.5 - 1.0
+
+
 def noised_inputs(batch, rng, shift: float):
     """Per-image t (one per noisy block), noise, x_t for noisy tokens and x_0 for clean."""
     x0 = to_latents(batch["patches"])
@@ -54,9 +66,12 @@ def noised_inputs(batch, rng, shift: float):
 
 def _per_token(params, batch, noised, model):
     xt, t, v_target = noised
+    vit = {}
+    if "vit_patches" in batch:
+        vit = dict(vit_patches=to_vit_pixels(batch["vit_patches"]), vit_pos=batch["vit_pos"])
     logits, v = model.apply({"params": params}, batch["tokens"], batch["types"],
                             batch["positions"], batch["segment_ids"], batch["blocks"],
-                            batch["patch_pos"], xt, t)
+                            batch["patch_pos"], xt, t, **vit)
     ce, correct = losses.text_ce(logits, batch["targets"])
     valid = batch["segment_ids"] > 0
     return dict(ce=ce, ce_correct=correct, ce_mask=valid & (batch["targets"] > 0),
@@ -136,7 +151,9 @@ def jit_steps(model, tx, lc: LossConfig, mesh, state_shardings, *, accum_steps: 
               ema_decay: float = 0.0):
     """The sharded, jitted train and eval steps (state donated in training)."""
     bs, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
-    batch_sh = {k: bs for k in BATCH_KEYS}
+    # One sharding for every batch field (a pytree prefix), so batches with or without the
+    # ViT copy's fields (VIT_KEYS) go through the same function.
+    batch_sh = bs
     train = jax.jit(functools.partial(train_step, model=model, tx=tx, lc=lc,
                                       accum_steps=accum_steps, ema_decay=ema_decay),
                     in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, rep),
