@@ -34,10 +34,15 @@ def schedule(num_steps: int, s: float) -> np.ndarray:
     return np.asarray(shift(np.linspace(1.0, 0.0, num_steps + 1), s), np.float32)
 
 
-def cfg_combine(v_cond, v_uncond, scale: float, renorm: str = "global"):
-    """Classifier-free guidance with BAGEL's 'global' renorm: scale the guided velocity down
+def cfg_combine(v_cond, v_uncond, scale: float, renorm: str = "global", v_img_uncond=None,
+                img_scale: float = 1.0):
+    """Classifier-free guidance as BAGEL combines it: text guidance against the text-free
+    context (`v_uncond`; None = no text CFG), then image guidance of that result against the
+    image-free context (`v_img_uncond`), then 'global' renorm: scale the guided velocity down
     to the conditional one's norm if it grew (per example, over all its tokens)."""
-    v = v_uncond + scale * (v_cond - v_uncond)
+    v = v_cond if v_uncond is None else v_uncond + scale * (v_cond - v_uncond)
+    if v_img_uncond is not None:
+        v = v_img_uncond + img_scale * (v - v_img_uncond)
     if renorm == "global":
         axes = tuple(range(1, v.ndim))
         n_c = jnp.sqrt(jnp.sum(v_cond ** 2, axis=axes, keepdims=True))

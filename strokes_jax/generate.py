@@ -42,6 +42,7 @@ class Generated:
     episode: ep.Episode | None  # None when the stream is not a well-formed episode
     error: str | None
     hit_cap: bool
+    nfe_evals: int = 0  # model evaluations for denoising: NFE x contexts (CFG) evaluated
 
     @property
     def final_image(self) -> np.ndarray | None:
@@ -60,6 +61,7 @@ class _Ex:
     x: np.ndarray | None = None  # latents being denoised
     k: int = 0  # flow step index
     nfe: int = 0
+    evals: int = 0
     hit_cap: bool = False
     stream: list = dataclasses.field(default_factory=list)  # ints and images
     rng: np.random.Generator | None = None  # this example's noise
@@ -152,6 +154,7 @@ class Generator:
             if ex.mode == "text":
                 self._decode(i, ex, logits[i], mode)
             elif ex.mode == "image":
+                ex.evals += 1
                 self._denoise(i, ex, vel[i])
 
     def _decode(self, i, ex, logits, mode):
@@ -283,7 +286,8 @@ class Generator:
             episode = parse_stream(prompt, parts, mode, self.etok.image_shape)
         except ep.EpisodeError as e:
             error = str(e)
-        return Generated(prompt, mode, text, images, ex.nfe, episode, error, ex.hit_cap)
+        return Generated(prompt, mode, text, images, ex.nfe, episode, error, ex.hit_cap,
+                         ex.evals)
 
 
 _SEG_RE = re.compile(r"<\|im_start\|>(.*?)<\|im_end\|>", re.S)

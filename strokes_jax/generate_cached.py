@@ -9,11 +9,14 @@ decision after the image. Rows of a batch are in different phases, so each call 
 slab of new tokens per row (one text token, a noisy block, a clean block or a prompt chunk),
 padded to a common width from `slab_widths` (width 1 when every row decodes text).
 
-Text CFG as BAGEL does it (cfg_text_scale > 1): each example also has an unconditional row
-whose context is the same stream without any text (BAGEL's cfg_text_context: images only,
-with their own RoPE positions; empty for text-to-image). Inside cfg_interval the velocity is
-flow.cfg_combine(v_cond, v_uncond, scale) with global renorm; NFE still counts steps. Image
-CFG (the uncond context without images) is not implemented.
+CFG as BAGEL does it: each example also has one unconditional row per guided condition,
+each its own cache with its own RoPE positions. cfg_text_scale != 1: the text-free context
+(BAGEL's cfg_text_context: the same stream with images only; empty for text-to-image).
+cfg_img_scale != 1: the image-free context (BAGEL's cfg_img_context: the text only, so it
+equals the conditional context until the first image). Inside cfg_interval the velocity is
+flow.cfg_combine (text guidance, then image guidance, then global renorm). NFE counts
+denoising steps, the paper's unit; `nfe_evals` on each result counts model evaluations
+(steps x contexts evaluated).
 """
 
 from __future__ import annotations
@@ -46,32 +49,43 @@ class _Pending:
 
 class CachedGenerator(Generator):
     def __init__(self, model, params, etok, *, cfg_text_scale: float = 1.0,
-                 cfg_interval: tuple[float, float] = (0.4, 1.0), cfg_renorm: str = "global",
-                 slab_widths=(1,), **kw):
+                 cfg_img_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.4, 1.0),
+                 cfg_renorm: str = "global", slab_widths=(1,), **kw):
         super().__init__(model, params, etok, **kw)
         self.width = etok.num_patches + 2  # a clean block must fit one call (bidirectional)
         self.widths = sorted({w for w in slab_widths if 0 < w < self.width} | {self.width})
-        self.cfg_text_scale, self.cfg_interval, self.cfg_renorm = cfg_text_scale, cfg_interval, cfg_renorm
-        self.cfg = cfg_text_scale != 1.0
+        self.cfg_text_scale, self.cfg_img_scale = cfg_text_scale, cfg_img_scale
+        self.cfg_interval, self.cfg_renorm = cfg_interval, cfg_renorm
+        # The unconditional contexts kept, in row-slot order after the conditional rows.
+        self.uncond = tuple(k for k, s in (("text", cfg_text_scale), ("img", cfg_img_scale))
+                            if s != 1.0)
+        self.cfg = bool(self.uncond)
         self._step = kvc.make_decode_step(model.apply)
 
     # -- buffers: the cache on device, pending tokens on the host ------------------------
     def _alloc(self, batch: int):
         self.batch = batch
-        self.rows = batch * (2 if self.cfg else 1)
+        self.rows = batch * (1 + len(self.uncond))
         self.cache = kvc.init_cache(self.model.cfg, self.rows, self.max_len)
         self.pending = [[] for _ in range(self.rows)]
-        self.u_pos = [0] * batch  # next RoPE position of each unconditional row
+        self.u_pos = {k: [0] * batch for k in self.uncond}  # next RoPE position per context
+
+    def _urow(self, kind: str, i: int) -> int:
+        return (1 + self.uncond.index(kind)) * self.batch + i
 
     def _put(self, i, ex, token, typ, block=0, ppos=0, latent=None, t=0.0):
         if ex.n >= self.max_len:  # the same bound as the uncached buffer
             raise OverflowError
         self.pending[i].append(_Pending(int(token), typ, ex.pos, block, ppos, latent, t))
-        if self.cfg and block > 0:  # image tokens also go to the text-free context
-            self.pending[self.batch + i].append(
-                _Pending(int(token), typ, self.u_pos[i], block, ppos, latent, t))
-            if token == self.tok.vision_end:
-                self.u_pos[i] += 1
+        for kind in self.uncond:
+            # Image tokens (block > 0) go to the text-free context, text to the image-free.
+            if (block > 0) != (kind == "text"):
+                continue
+            pos = self.u_pos[kind]
+            self.pending[self._urow(kind, i)].append(
+                _Pending(int(token), typ, pos[i], block, ppos, latent, t))
+            if kind == "img" or token == self.tok.vision_end:
+                pos[i] += 1
         ex.n += 1
 
     def _write_noisy(self, i, ex):
@@ -107,15 +121,16 @@ class CachedGenerator(Generator):
         for i, ex in enumerate(exs):
             if ex.mode == "done":
                 continue
-            if self.pending[i]:
-                plan[i] = ("write", self._chunk(self.pending[i]))
-            if self.cfg and self.pending[B + i]:
-                plan[B + i] = ("write", self._chunk(self.pending[B + i]))
+            urows = [self._urow(k, i) for k in self.uncond]
+            for r in [i] + urows:
+                if self.pending[r]:
+                    plan[r] = ("write", self._chunk(self.pending[r]))
             if ex.mode == "image" and plan[i] is None:
                 if not self._cfg_on(ex):
                     plan[i] = ("noisy", ex)
-                elif plan[B + i] is None:  # the unconditional context is up to date
-                    plan[i] = plan[B + i] = ("noisy", ex)
+                elif all(plan[r] is None for r in urows):  # unconditional contexts up to date
+                    for r in [i] + urows:
+                        plan[r] = ("noisy", ex)
         need = max(((P if p[0] == "noisy" else p[1]) for p in plan if p is not None), default=1)
         W = next(w for w in self.widths if w >= need)
         slab = {k: np.zeros((self.rows, W), np.float32 if k == "timesteps" else np.int32)
@@ -134,7 +149,7 @@ class CachedGenerator(Generator):
                 n_write[r], q[r] = p[1], p[1] - 1
             else:
                 ex = p[1]
-                pos = ex.pos if r < B else self.u_pos[r - B]
+                pos = ex.pos if r < B else self.u_pos[self.uncond[r // B - 1]][r % B]
                 sl = slice(0, P)
                 slab["tokens"][r, sl], slab["types"][r, sl] = self.tok.pad_id, NOISY
                 slab["positions"][r, sl], slab["blocks"][r, sl] = pos, ex.block
@@ -154,12 +169,16 @@ class CachedGenerator(Generator):
             if p[0] == "write":
                 if not self.pending[i] and ex.mode == "text":
                     self._decode(i, ex, logits[i], mode)
-            else:
-                v = vel[i, :P]
-                if self.cfg and plan[B + i] is not None and plan[B + i][0] == "noisy":
-                    v = np.asarray(flow.cfg_combine(v[None], vel[B + i, :P][None],
-                                                    self.cfg_text_scale, self.cfg_renorm))[0]
-                self._denoise(i, ex, v)
+                continue
+            v = vel[i, :P]
+            ex.evals += 1
+            if self.cfg and plan[self._urow(self.uncond[0], i)] is not None:
+                u = {k: vel[self._urow(k, i), :P][None] for k in self.uncond}
+                ex.evals += len(u)
+                v = np.asarray(flow.cfg_combine(v[None], u.get("text"), self.cfg_text_scale,
+                                                self.cfg_renorm, u.get("img"),
+                                                self.cfg_img_scale))[0]
+            self._denoise(i, ex, v)
 
     @staticmethod
     def _set(slab, r, j, token, typ, pos, block, ppos, latent, t):

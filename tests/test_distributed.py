@@ -123,7 +123,17 @@ def _wait_for(proc, predicate, timeout=240):
     raise AssertionError("condition not reached:\n" + "".join(seen[-40:]))
 
 
-def test_sigterm_then_restart_gives_the_uninterrupted_losses(meshes, data_dir, tmp_path):
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory):
+    """Per-step losses of an uninterrupted run in the same one-device environment as the
+    interrupted ones (the 8-forced-device process compiles differently, so its losses match
+    only to rounding)."""
+    d = tmp_path_factory.mktemp("uninterrupted")
+    _run(["train", str(d / "out.json"), data_dir, str(d / "run"), str(STEPS)])
+    return [l for _, l in json.load(open(d / "out.json"))["losses"]]
+
+
+def test_sigterm_then_restart_gives_the_uninterrupted_losses(uninterrupted, data_dir, tmp_path):
     work = str(tmp_path / "run")
     p = _start_train(tmp_path, "a", work, data_dir)
     _wait_for(p, lambda l: l.startswith("step 2/"))
@@ -136,10 +146,10 @@ def test_sigterm_then_restart_gives_the_uninterrupted_losses(meshes, data_dir, t
     second = json.load(open(tmp_path / "b.json"))
     assert second["start"] == first["end"] and second["end"] == STEPS
     losses = [l for _, l in first["losses"] + second["losses"]]
-    assert losses == meshes["1,1,1"]["losses"]  # exactly: same data, state, noise, program
+    assert losses == uninterrupted  # exactly: same data, state, noise, program
 
 
-def test_kill_during_save_keeps_the_previous_checkpoint(meshes, data_dir, tmp_path):
+def test_kill_during_save_keeps_the_previous_checkpoint(uninterrupted, data_dir, tmp_path):
     import orbax.checkpoint as ocp
     work = str(tmp_path / "run")
     p = _start_train(tmp_path, "a", work, data_dir, slow_from=3)
@@ -156,4 +166,4 @@ def test_kill_during_save_keeps_the_previous_checkpoint(meshes, data_dir, tmp_pa
     _run(["train", str(tmp_path / "b.json"), data_dir, work, str(STEPS)])
     second = json.load(open(tmp_path / "b.json"))
     assert second["start"] == 2
-    assert [l for _, l in second["losses"]] == meshes["1,1,1"]["losses"][2:]
+    assert [l for _, l in second["losses"]] == uninterrupted[2:]

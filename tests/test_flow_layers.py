@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import shapes_tiny
 from strokes_jax import flow
 from strokes_jax.model.layers import rope, sincos_2d, timestep_features
 
@@ -149,3 +150,37 @@ def test_sincos_2d():
     np.testing.assert_allclose(tab[0], np.tile(np.repeat([0.0, 1.0], dim // 4), 2), atol=1e-7)
     with pytest.raises(ValueError):
         sincos_2d(2, 2, 30)
+
+
+def test_x_prediction_head_is_the_velocity_of_its_x0():
+    """model.prediction='x': with the same parameters, the velocity is (x_t - head) / t
+    (t floored at x_min_t), where head is what the v-model returns, so losses, samplers and
+    CFG see a velocity either way; a zero head (the init) gives x_t / t."""
+    import flax.linen as nn
+    from strokes_jax.model.unified import ModelConfig, UnifiedModel
+    mc = dict(shapes_tiny.get_config("test").model)
+    mc.update(vocab_size=11, patch_dim=12, latent_grid=(2, 2))
+    vm = UnifiedModel(ModelConfig.from_config(mc))
+    xm = UnifiedModel(ModelConfig.from_config({**mc, "prediction": "x", "x_min_t": 0.1}))
+    rng = np.random.default_rng(0)
+    L = 6
+    types = jnp.asarray([[0, 0, 1, 1, 1, 1]])
+    args = [jnp.asarray([[3, 4, 0, 0, 0, 0]]), types, jnp.asarray([[0, 1, 2, 2, 2, 2]]),
+            jnp.ones((1, L), jnp.int32), jnp.asarray([[0, 0, 1, 1, 1, 1]]),
+            jnp.asarray([[0, 0, 0, 1, 2, 3]]),
+            jnp.asarray(rng.normal(size=(1, L, 12)), jnp.float32),
+            jnp.asarray([[0, 0, 0.5, 0.5, 0.5, 0.5]], jnp.float32)]
+    p = nn.unbox(vm.init(jax.random.PRNGKey(0), *args)["params"])
+    np.testing.assert_allclose(xm.apply({"params": p}, *args)[1][0, 2:],
+                               args[6][0, 2:] / 0.5, rtol=1e-6)  # zero-initialised head
+    p["llm2vae"]["kernel"] = jnp.asarray(rng.normal(size=p["llm2vae"]["kernel"].shape), jnp.float32)
+    head = vm.apply({"params": p}, *args)[1]
+    for t in (0.5, 0.02):
+        a = list(args)
+        a[7] = jnp.where(types == 1, t, 0.0)
+        head = vm.apply({"params": p}, *a)[1]
+        want = (a[6] - head) / max(t, 0.1)
+        np.testing.assert_allclose(xm.apply({"params": p}, *a)[1][0, 2:], want[0, 2:], rtol=1e-5,
+                                   atol=1e-5)
+    with pytest.raises(ValueError, match="model.prediction"):
+        ModelConfig.from_config({**mc, "prediction": "eps"})

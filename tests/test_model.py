@@ -484,7 +484,8 @@ def test_loss_zero_stage_weight_removes_exactly_that_stage(loss_grad):
     _, _, g_only = call(dict.fromkeys(ep.STAGE_NAMES, 0.0) | {"inspect": 1.0}, mse_w=0.0)
     # Linear in the weights: full = (inspect 0) + (inspect only).
     for a, b, c in zip(*(jax.tree_util.tree_leaves(x) for x in (g_all, g_no, g_only))):
-        np.testing.assert_allclose(a, b + c, rtol=1e-4, atol=1e-7)
+        # Rounding relative to the leaf's scale (the x head's 1/t makes some gradients large).
+        np.testing.assert_allclose(a, b + c, rtol=1e-4, atol=1e-5 * float(np.abs(a).max()))
     assert _gnorm(g_only) > 1e-3 * _gnorm(g_all)
 
     # Manual exclusion: drop the inspect targets from the batch; the CE is normalised by
@@ -496,4 +497,4 @@ def test_loss_zero_stage_weight_removes_exactly_that_stage(loss_grad):
     b2 = dict(batch, targets=jnp.where(insp, 0, batch["targets"]))
     _, _, g_man = call(ALL, ce_w=0.25 * (n_all - n_insp) / n_all, b=b2)
     for a, b in zip(jax.tree_util.tree_leaves(g_no), jax.tree_util.tree_leaves(g_man)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(a).max()))

@@ -11,20 +11,30 @@ from strokes_jax.evaluate import reproduce
 
 def test_reproduce_writes_the_ablation_table(tmp_path):
     c = shapes_repro.get_config("test")
-    c.train.update(steps=3, eval_every=0, checkpoint_every=3)
-    c.optim.update(total_steps=3, warmup_steps=1)
+    c.train.update(steps=4, eval_every=0, checkpoint_every=4)
+    c.optim.update(total_steps=4, warmup_steps=1)
+    c.reproduce.update(curve_points=2, single_pass_multiples=(1.5,))
     out = reproduce.run(c, "shapes_repro.py:test", str(tmp_path))
     assert list(out["rows"]) == list(reproduce.ROWS)
     assert out["rows"]["single_pass"]["mode"] == "single_pass"
     for row, r in out["rows"].items():
-        assert r["train_steps"] == 3
+        assert r["train_steps"] == 4
         assert 0.0 <= r["scores"]["overall"] <= 1.0 and r["nfe_per_image"] >= 0
     assert out["rows"]["single_pass"]["nfe_per_image"] == c.flow["sample_steps"]  # always draws
     # Phase 1 + phase 2 of the full method add up to the other rows' steps.
     p1 = max(int(d) for d in os.listdir(tmp_path / "self_critique_phase1" / "checkpoints")
              if d.isdigit())
     p2 = json.load(open(tmp_path / "self_critique" / "report" / "results.json"))
-    assert p1 >= 1 and p1 + p2["train"]["end_step"] == 3
+    assert p1 >= 1 and p1 + p2["train"]["end_step"] == 4
+    # Learning curve: the checkpoint at 2 of 4 steps (Orbax also keeps the first step's),
+    # the row itself, a 1.5x run (6 steps).
+    curve = dict(out["single_pass_curve"])
+    assert {0.5, 1.0, 1.5} <= set(curve) <= {0.25, 0.5, 1.0, 1.5}
+    assert curve[1.0] == out["rows"]["single_pass"]["scores"]["overall"]
+    assert json.load(open(tmp_path / "single_pass_x1.5" / "report" / "results.json"))[
+        "train"]["end_step"] == 6
+    assert "single_pass_multiple_to_match" in out
+    assert open(tmp_path / "learning_curve.svg").read().startswith("<svg")
     assert sum(out["self_critique_outcomes"].values()) == c.self_critique.num_prompts
     table = open(tmp_path / "reproduction.md").read()
     assert all(f"| {row} |" in table for row in reproduce.ROWS)
@@ -44,3 +54,11 @@ def test_a_preempted_row_stops_the_reproduction(tmp_path, monkeypatch):
     with pytest.raises(reproduce.Preempted, match="preempted at step 1"):
         reproduce.run(shapes_repro.get_config("test"), "x", str(tmp_path))
     assert len(calls) == 1  # no later row started
+
+
+def test_multiple_to_match_interpolates():
+    from strokes_jax.evaluate import curve
+    pts = [(0.5, 0.1), (1.0, 0.3), (2.0, 0.7)]
+    assert curve.multiple_to_match(pts, 0.5) == 1.5
+    assert curve.multiple_to_match(pts, 0.05) == 0.5
+    assert curve.multiple_to_match(pts, 0.8) is None

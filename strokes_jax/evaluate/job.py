@@ -16,7 +16,7 @@ from strokes_jax.generate import Generator
 
 def make_generator(setup, config, seed: int = 0) -> Generator:
     """eval.kv_cache: the cached generator (prefill once, decode from the cache; same outputs,
-    several times faster), with BAGEL's text CFG when eval.cfg_text_scale != 1."""
+    several times faster), with BAGEL's text / image CFG when eval.cfg_text_scale / eval.cfg_img_scale != 1."""
     ec = config.eval
     kw = dict(max_len=config.data.seq_len, flow_steps=config.flow["sample_steps"],
               shift=config.flow["sample_shift"], max_iterations=ec.max_iterations,
@@ -25,6 +25,7 @@ def make_generator(setup, config, seed: int = 0) -> Generator:
         from strokes_jax.generate_cached import CachedGenerator
         return CachedGenerator(setup.model, setup.state.eval_params(), setup.etok,
                                cfg_text_scale=float(ec.get("cfg_text_scale", 1.0)),
+                               cfg_img_scale=float(ec.get("cfg_img_scale", 1.0)),
                                cfg_interval=tuple(ec.get("cfg_interval", (0.4, 1.0))), **kw)
     return Generator(setup.model, setup.state.eval_params(), setup.etok, **kw)
 

@@ -80,14 +80,15 @@ def filmstrip(prompt: str, text: str, images: Sequence[np.ndarray], path: str,
 def score_table(results: dict[str, dict]) -> str:
     """Markdown table: one row per mode, GenEval's six tags, overall, NFE."""
     tags = list(shapes.TAGS)
-    head = "| mode | " + " | ".join(tags) + " | overall | NFE/image | NFE/sample | images/sample | well-formed |"
-    sep = "|" + "---|" * (len(tags) + 6)
+    head = "| mode | " + " | ".join(tags) + " | overall | NFE/image | NFE/sample | evals/sample | images/sample | well-formed |"
+    sep = "|" + "---|" * (len(tags) + 7)
     rows = [head, sep]
     for mode, r in results.items():
         sc = r["scores"]
         cells = [f"{sc.get(t, float('nan')):.2f}" for t in tags] + [f"{sc['overall']:.3f}"]
         rows.append(f"| {mode} | " + " | ".join(cells) + f" | {r['nfe_per_image']:.1f} | "
-                    f"{r['nfe_per_sample']:.1f} | {r['images_per_sample']:.2f} | {r['well_formed']:.2f} |")
+                    f"{r['nfe_per_sample']:.1f} | {r.get('evals_per_sample', float('nan')):.1f} | "
+                    f"{r['images_per_sample']:.2f} | {r['well_formed']:.2f} |")
     return "\n".join(rows)
 
 

@@ -20,7 +20,8 @@ import json
 import os
 import time
 
-from strokes_jax.evaluate import job, report
+from strokes_jax.evaluate import curve, job, report, shapes_bench
+from strokes_jax.train import checkpoint as ckpt
 from strokes_jax.train import loop
 
 ROWS = ("single_pass", "additive", "edits", "symbolic_critique", "self_critique")
@@ -52,6 +53,50 @@ def _train_eval(c, workdir: str, modes, name: str):
     return setup, summary, payload
 
 
+def _overall(setup, c, mode: str) -> float:
+    ec = c.eval
+    bench = shapes_bench.benchmark_prompts(ec.seed, ec.prompts_per_tag)
+    samples, _ = shapes_bench.run(job.make_generator(setup, c, ec.seed), bench,
+                                  ec.images_per_prompt, mode, ec.batch_size)
+    return shapes_bench.summarize(samples)["scores"]["overall"]
+
+
+def _checkpoint_curve(setup, c, rowdir: str, total: int) -> list[tuple[float, float]]:
+    """Single-pass overall at the row's intermediate checkpoints, as (multiple, score)."""
+    mgr = ckpt.manager(rowdir, keep=c.train.keep_checkpoints, save_every=c.train.checkpoint_every)
+    pts = []
+    for step in sorted(mgr.all_steps()):
+        if 0 < step < total:
+            _, setup.state = ckpt.restore_latest(mgr, setup.state, setup.shardings, step=step)
+            pts.append((step / total, _overall(setup, c, "single_pass")))
+    return pts
+
+
+def _learning_curve(config, config_name: str, workdir: str, out: dict, setup, c, rowdir: str,
+                    final: float) -> None:
+    """reproduce.curve_points checkpoints inside the single-pass row, then single-pass runs
+    of reproduce.single_pass_multiples x the row's steps (each from scratch, its own
+    schedule), so the figure can say how much more training single-pass needs."""
+    total = config.train.steps
+    pts = _checkpoint_curve(setup, c, rowdir, total) + [(1.0, final)]
+    for m in config.reproduce.get("single_pass_multiples", ()):
+        cm = row_config(config, "single_pass")
+        cm.train.steps = cm.optim.total_steps = int(round(m * total))
+        cm.train.checkpoint_every = cm.train.steps
+        s, _, payload = _train_eval(cm, os.path.join(workdir, f"single_pass_x{m:g}"),
+                                    ("single_pass",), f"{config_name}:single_pass_x{m:g}")
+        pts.append((float(m), payload["results"]["single_pass"]["scores"]["overall"]))
+    out["single_pass_curve"] = sorted(pts)
+
+
+def _with_curve_checkpoints(c, config):
+    n = int(config.reproduce.get("curve_points", 0))
+    if n > 1:
+        c.train.checkpoint_every = max(1, config.train.steps // n)
+        c.train.keep_checkpoints = n + 1
+    return c
+
+
 def run(config, config_name: str, workdir: str, rows=ROWS) -> dict:
     total, frac = config.train.steps, config.reproduce.phase2_fraction
     out = {"config": config_name, "commit": report.git_commit(), "device": report.device_info(),
@@ -61,7 +106,13 @@ def run(config, config_name: str, workdir: str, rows=ROWS) -> dict:
         c = row_config(config, row)
         modes = ("single_pass",) if row == "single_pass" else ("process",)
         rowdir = os.path.join(workdir, row)
-        if row != "self_critique":
+        if row == "single_pass":
+            c = _with_curve_checkpoints(c, config)
+            setup, summary, payload = _train_eval(c, rowdir, modes, f"{config_name}:{row}")
+            episodes = c.data.num_train
+            _learning_curve(config, config_name, workdir, out, setup, c, rowdir,
+                            payload["results"][modes[0]]["scores"]["overall"])
+        elif row != "self_critique":
             _, summary, payload = _train_eval(c, rowdir, modes, f"{config_name}:{row}")
             episodes = c.data.num_train
         else:
@@ -80,15 +131,32 @@ def run(config, config_name: str, workdir: str, rows=ROWS) -> dict:
         out["rows"][row] = {"mode": modes[0], "scores": res["scores"],
                             "nfe_per_image": res["nfe_per_image"],
                             "nfe_per_sample": res["nfe_per_sample"],
+                            "evals_per_sample": res.get("evals_per_sample"),
                             "episodes": episodes, "wall_s": time.time() - t0,
                             "train_steps": total, "final_loss": summary["losses"][-1][1]
                             if summary["losses"] else None}
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "reproduction.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    with open(os.path.join(workdir, "reproduction.md"), "w") as f:
-        f.write(table(out) + "\n")
+        _write(out, workdir)  # after every row: a stopped run still leaves its finished rows
     return out
+
+
+def _write(out: dict, workdir: str) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    files = []
+    pts = out.get("single_pass_curve")
+    if pts:
+        levels = {r: v["scores"]["overall"] for r, v in out["rows"].items() if r != "single_pass"}
+        full = levels.get("self_critique")
+        out["single_pass_multiple_to_match"] = (None if full is None
+                                                else curve.multiple_to_match(pts, full))
+        title = f"Shapes-GenEval overall, {out['config']} ({out['steps_per_row']} steps = 1x)"
+        files.append(("learning_curve.svg", curve.svg(pts, levels, title)))
+    files += [("reproduction.json", json.dumps(out, indent=1)),
+              ("reproduction.md", table(out) + "\n")]
+    for name, text in files:
+        tmp = os.path.join(workdir, name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(workdir, name))
 
 
 def table(out: dict) -> str:
@@ -97,10 +165,21 @@ def table(out: dict) -> str:
     lines = [f"Commit `{out['commit']}`, {out['config']}, {out['device']['device_kind']} "
              f"({out['device']['cpu_count']} CPU cores), {out['steps_per_row']} steps per row.", "",
              head, "|" + "---|" * 12]
+    curve_lines = []
+    if out.get("single_pass_curve"):
+        pts = ", ".join(f"{m:g}x: {v:.3f}" for m, v in out["single_pass_curve"])
+        match = out.get("single_pass_multiple_to_match")
+        max_m = max(m for m, _ in out["single_pass_curve"])
+        verdict = ("not reached within the measured range (up to "
+                   f"{max_m:g}x)" if match is None else f"{match:.2f}x the row budget")
+        curve_lines = ["", f"Single-pass learning curve (overall; learning_curve.svg): {pts}.",
+                       f"Single-pass training needed to match the full method: {verdict}."]
     for row, r in out["rows"].items():
         sc = r["scores"]
         lines.append(f"| {row} | " + " | ".join(f"{sc.get(t, float('nan')):.2f}" for t in (
             "single_object", "two_object", "counting", "colors", "position", "color_attr"))
             + f" | {sc['overall']:.3f} | {r['nfe_per_image']:.1f} | {r['nfe_per_sample']:.1f} | "
             f"{r['episodes']} | {r['wall_s']:.0f} |")
-    return "\n".join(lines)
+    if "self_critique" not in out["rows"]:
+        curve_lines = curve_lines[:2]  # no full-method score to compare with yet
+    return "\n".join(lines + curve_lines)

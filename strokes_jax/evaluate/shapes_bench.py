@@ -42,6 +42,7 @@ class Sample:
     correct: bool
     reason: str
     nfe: int
+    evals: int  # model evaluations for denoising (NFE x CFG contexts)
     images: int
     well_formed: bool
     hit_cap: bool
@@ -72,8 +73,8 @@ def run(generator: Generator, bench: Sequence[prompts.Prompt], images_per_prompt
         chunk = jobs[i:i + batch_size]
         for (p, k), r in zip(chunk, generator([p.text for p, _ in chunk], mode)):
             ok, why = score(r, p)
-            samples.append(Sample(p.tag, p.text, mode, k, ok, why, r.nfe, len(r.images),
-                                  r.episode is not None, r.hit_cap, r.error, r))
+            samples.append(Sample(p.tag, p.text, mode, k, ok, why, r.nfe, r.nfe_evals,
+                                  len(r.images), r.episode is not None, r.hit_cap, r.error, r))
     return samples, time.time() - t0
 
 
@@ -84,6 +85,7 @@ def summarize(samples: Sequence[Sample]) -> dict:
             "images": len(samples),
             "nfe_per_image": float(np.mean([s.nfe / max(s.images, 1) for s in samples])) if samples else 0.0,
             "nfe_per_sample": float(np.mean([s.nfe for s in samples])) if samples else 0.0,
+            "evals_per_sample": float(np.mean([s.evals for s in samples])) if samples else 0.0,
             "images_per_sample": float(np.mean([s.images for s in samples])) if samples else 0.0,
             "well_formed": sum(s.well_formed for s in samples) / n,
             "hit_cap": sum(s.hit_cap for s in samples) / n}

@@ -40,13 +40,26 @@ class ModelConfig:
     # BAGEL embeds raw t in [0, 1] (1.0). The sinusoids are then nearly linear in t; DiT's
     # convention multiplies by 1000, which a model trained from scratch may learn faster.
     time_scale: float = 1.0
+    # What llm2vae outputs: "v" the velocity (BAGEL), or "x" the clean latent x_0, turned into
+    # the velocity (x_t - x_0) / max(t, x_min_t) so losses and samplers are unchanged. With
+    # pixel patches as latents (108 values per token at width 128) a v-head has to carry the
+    # noise through a residual stream barely wider than it; an x-head only outputs the
+    # low-dimensional image (JiT, Li & He 2025). Not in BAGEL, whose latents are 64-d at
+    # width 3584.
+    prediction: str = "v"
+    x_min_t: float = 0.05
+
+    def __post_init__(self):
+        if self.prediction not in ("v", "x"):
+            raise ValueError(f"config key model.prediction: {self.prediction!r} not in ('v', 'x')")
 
     @classmethod
     def from_config(cls, cfg) -> "ModelConfig":
         """From an ml_collections `model` block; unknown keys fail with the key named."""
         d = dict(cfg)
         dec_keys = {f.name for f in dataclasses.fields(DecoderConfig)}
-        top = {"vocab_size", "patch_dim", "latent_grid", "vision", "time_scale"}
+        top = {"vocab_size", "patch_dim", "latent_grid", "vision", "time_scale", "prediction",
+               "x_min_t"}
         unknown = set(d) - dec_keys - top
         if unknown:
             raise ValueError(f"unknown config keys model.{sorted(unknown)}")
@@ -60,7 +73,9 @@ class ModelConfig:
         return cls(vocab_size=int(d["vocab_size"]), patch_dim=int(d["patch_dim"]),
                    latent_grid=tuple(d["latent_grid"]),
                    decoder=DecoderConfig(**{k: d[k] for k in dec_keys if k in d}), vision=vision,
-                   time_scale=float(d.get("time_scale", 1.0)))
+                   time_scale=float(d.get("time_scale", 1.0)),
+                   prediction=str(d.get("prediction", "v")),
+                   x_min_t=float(d.get("x_min_t", 0.05)))
 
 
 class UnifiedModel(nn.Module):
@@ -87,8 +102,9 @@ class UnifiedModel(nn.Module):
         table = jnp.asarray(sincos_2d(*c.latent_grid, d.width))
         lat = DenseGeneral((d.width,), ("patch", "embed"), use_bias=True, dtype=dt,
                            name="vae2llm")(latents)
-        lat = lat + TimestepEmbedder(d.width, dtype=dt, name="time_embedder")(
-            timesteps * c.time_scale)
+        temb = TimestepEmbedder(d.width, dtype=dt, name="time_embedder")(timesteps * c.time_scale)
+        lat = lat + temb
+        temb = temb if d.time_adaln else None
         lat = lat + jnp.take(table, patch_pos, axis=0).astype(dt)
         is_gen = (types == NOISY) | (types == CLEAN)
         x = jnp.where(is_gen[..., None], lat, text)
@@ -101,14 +117,17 @@ class UnifiedModel(nn.Module):
         decoder = MoTDecoder(d, name="decoder")
         if cache is None:
             mask = attention.generalized_causal_mask(segment_ids, blocks, types)
-            h = decoder(x, is_gen, positions, mask)
+            h = decoder(x, is_gen, positions, mask, temb=temb)
         else:
             mask = attention.decode_mask(segment_ids > 0, blocks, types, cache["lengths"],
                                          cache["k"].shape[2])
-            h, new_kv = decoder(x, is_gen, positions, mask, (cache["k"], cache["v"]))
+            h, new_kv = decoder(x, is_gen, positions, mask, (cache["k"], cache["v"]), temb)
         logits = DenseGeneral((c.vocab_size,), ("embed", "vocab"), dtype=dt, name="lm_head")(h)
         vel = DenseGeneral((c.patch_dim,), ("embed", "patch"), use_bias=True, dtype=dt,
                            kernel_init=nn.initializers.zeros, name="llm2vae")(h)
+        if c.prediction == "x":
+            t = jnp.maximum(timesteps, c.x_min_t)[..., None].astype(vel.dtype)
+            vel = (latents.astype(vel.dtype) - vel) / t
         if cache is None:
             return logits.astype(jnp.float32), vel.astype(jnp.float32)
         return logits.astype(jnp.float32), vel.astype(jnp.float32), new_kv

@@ -35,10 +35,11 @@ def abstract_like(state, shardings):
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-def restore_latest(mgr: ocp.CheckpointManager, state, shardings, data_iter=None):
-    """(step, state) from the newest complete checkpoint, or None if there is none. When
-    `data_iter` is given, its state is restored in place from this process's file."""
-    step = mgr.latest_step()
+def restore_latest(mgr: ocp.CheckpointManager, state, shardings, data_iter=None, step=None):
+    """(step, state) from the newest complete checkpoint (or the one at `step`), or None if
+    there is none. When `data_iter` is given, its state is restored in place from this
+    process's file."""
+    step = mgr.latest_step() if step is None else step
     if step is None:
         return None
     args = {"state": ocp.args.StandardRestore(abstract_like(state, shardings))}

@@ -27,6 +27,7 @@ DEFAULT_RULES = (
     ("vocab", "tensor"),
     ("patch", None),
     ("freq", None),
+    ("adaln", None),
     ("norm", None),
     ("layers", None),
 )
