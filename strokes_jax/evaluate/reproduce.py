@@ -31,6 +31,8 @@ def row_config(config, row: str):
     c = copy.deepcopy(config)
     mixes = dict(config.reproduce.mixes)
     c.data.mix = dict(mixes["symbolic_critique" if row == "self_critique" else row])
+    if row != "self_critique":  # test-time scaling (accuracy vs iteration cap): full method
+        c.eval.iteration_caps = ()
     return c
 
 
