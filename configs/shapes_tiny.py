@@ -30,6 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Phase 2: more ArrayRecord episode files mixed in, [{'path': ..., 'weight': ...}].
         extra_sources=(),
         main_weight=1.0,
+        # BAGEL's CFG condition dropout (prompt / clean image copy / ViT copy), needed before
+        # eval.cfg_*_scale can guide; off here, so the demo trains every episode conditioned.
+        cfg_dropout=dict(text=0.0, vae=0.0, vit=0.0),
     ))
 
     c.model = ml_collections.ConfigDict(dict(

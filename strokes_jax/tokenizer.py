@@ -34,6 +34,7 @@ the ViT copy's `<|vision_end|>` predicts what follows the image.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Sequence
@@ -197,20 +198,29 @@ class EpisodeTokenizer:
             stages.append(cur)
         return ids, stages
 
-    def __call__(self, episode: ep.Episode) -> dict[str, np.ndarray]:
+    def __call__(self, episode: ep.Episode, drop: "CondDrop | None" = None) -> dict[str, np.ndarray]:
+        """The episode's arrays; `drop` leaves conditions out (CFG dropout): the prompt, or
+        an image's clean / ViT copy (its noisy copy, a flow target, always stays). A dropped
+        element takes no RoPE position, and the token before it gets no CE target (what
+        follows it in the clean stream is not what the layout would have put there)."""
         episode.validate(self.image_shape)
+        drop = drop or CondDrop()
         rec = f"episode {episode.id!r}"
         cols = {k: [] for k in FIELDS}
         patches: list[np.ndarray] = []
         zero_patch = np.zeros((self.patch_dim,), np.uint8)
-        pos, block = 0, 0
+        pos, block, image_k = 0, 0, -1
         vit = self.vit_patch is not None
         vit_patches: list[np.ndarray] = []
         vit_pos: list[int] = []
         forced: list[int] = []  # positions the layout places, which no token predicts
+        force_next = [False]  # the next non-noisy token put is such a position
         zero_vit = np.zeros((self.vit_patch_dim,), np.uint8) if vit else None
 
         def put(tok, typ, stage, position, blk, ppos, patch, vpatch=None, vpos=0):
+            if force_next[0] and typ != NOISY:
+                forced.append(len(patches))
+                force_next[0] = False
             for k, v in zip(FIELDS, (tok, typ, stage, 0, 0, position, blk, ppos)):
                 cols[k].append(v)
             patches.append(patch)
@@ -220,31 +230,39 @@ class EpisodeTokenizer:
 
         for stage, modality, content in episode.segments():
             if modality == "text":
+                if stage == ep.PROMPT and drop.prompt:
+                    continue
                 ids, stages = self.text_ids(stage, content, rec)
                 for i, s in zip(ids, stages):
                     put(i, TEXT, s, pos, 0, 0, zero_patch)
                     pos += 1
-            else:
-                p = patchify(np.asarray(content), self.patch)
-                if modality == "image":  # a flow target: its noisy copy carries the loss
-                    block += 1
-                    for j in range(self.num_patches):
-                        put(self.tok.pad_id, NOISY, stage, pos, block, j, p[j])
+                continue
+            image_k += 1
+            p = patchify(np.asarray(content), self.patch)
+            at_pos = modality == "image"
+            if at_pos:  # a flow target: its noisy copy carries the loss
+                block += 1
+                for j in range(self.num_patches):
+                    put(self.tok.pad_id, NOISY, stage, pos, block, j, p[j])
+            if image_k in drop.clean:
+                force_next[0] = True
+            else:  # the clean copy shares the noisy copy's position
+                at_pos = True
                 block += 1
                 put(self.tok.vision_start, TEXT, stage, pos, block, 0, zero_patch)
                 for j in range(self.num_patches):
                     put(self.tok.pad_id, CLEAN, stage, pos, block, j, p[j])
                 put(self.tok.vision_end, TEXT, stage, pos, block, 0, zero_patch)
-                if vit:  # its own element, at the next RoPE position (BAGEL)
-                    pos += 1
-                    block += 1
-                    forced.append(len(patches))
-                    vp = patchify(np.asarray(content), self.vit_patch)
-                    put(self.tok.vision_start, TEXT, stage, pos, block, 0, zero_patch)
-                    for j in range(self.vit_num_patches):
-                        put(self.tok.pad_id, VIT, stage, pos, block, 0, zero_patch, vp[j],
-                            int(self.vit_pos[j]))
-                    put(self.tok.vision_end, TEXT, stage, pos, block, 0, zero_patch)
+            pos += int(at_pos)
+            if vit and image_k not in drop.vit:  # its own element, the next position (BAGEL)
+                block += 1
+                force_next[0] = True
+                vp = patchify(np.asarray(content), self.vit_patch)
+                put(self.tok.vision_start, TEXT, stage, pos, block, 0, zero_patch)
+                for j in range(self.vit_num_patches):
+                    put(self.tok.pad_id, VIT, stage, pos, block, 0, zero_patch, vp[j],
+                        int(self.vit_pos[j]))
+                put(self.tok.vision_end, TEXT, stage, pos, block, 0, zero_patch)
                 pos += 1
         put(self.tok.end_of_episode, TEXT, ep.PLAN, pos, 0, 0, zero_patch)
 
@@ -255,6 +273,25 @@ class EpisodeTokenizer:
             out["vit_pos"] = np.asarray(vit_pos, np.int32)
         _set_targets(out, self.tok.vision_start, forced)
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class CondDrop:
+    """Conditions left out of one training sequence (BAGEL's CFG dropout): the prompt, and
+    by image index (segment order) clean latent copies and ViT copies."""
+
+    prompt: bool = False
+    clean: frozenset = frozenset()
+    vit: frozenset = frozenset()
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, n_images: int, text: float = 0.0,
+             vae: float = 0.0, vit: float = 0.0) -> "CondDrop":
+        """Independent draws: the prompt with probability `text`, each image's clean copy
+        with `vae`, each ViT copy with `vit` (BAGEL's text / vae / vit cond dropout)."""
+        return cls(bool(rng.random() < text),
+                   frozenset(int(i) for i in np.nonzero(rng.random(n_images) < vae)[0]),
+                   frozenset(int(i) for i in np.nonzero(rng.random(n_images) < vit)[0]))
 
 
 def _set_targets(out: dict[str, np.ndarray], vision_start: int, forced=()) -> None:

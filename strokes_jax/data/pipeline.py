@@ -66,22 +66,48 @@ def decode_item(item: Any, record: str = "?") -> ep.Episode:
     return ep.Episode.from_bytes(record_bytes(item), record=record)
 
 
-class DecodeEpisode:
-    """(source index, item) -> tokenized episode arrays, or a Skip. A plain class rather than
-    a closure so that it pickles into mp_prefetch workers."""
+class ReadEpisode:
+    """(source index, item) -> (index, Episode), or a Skip for bytes that do not decode. A
+    plain class rather than a closure so that it pickles into mp_prefetch workers."""
 
-    def __init__(self, tokenizer: tk.EpisodeTokenizer, seq_len: int):
-        self.tokenizer = tokenizer
-        self.seq_len = seq_len
-
-    def __call__(self, index: int, item: Any) -> dict[str, np.ndarray] | Skip:
-        where = f"record #{index}"
+    def __call__(self, index: int, item: Any):
         try:
-            episode = decode_item(item, record=f"#{index}")
+            return index, decode_item(item, record=f"#{index}")
         except ep.EpisodeError as e:
             return Skip(index, "corrupt", str(e))
+
+
+DROPOUT_KEYS = ("text", "vae", "vit")
+
+
+class TokenizeEpisode:
+    """(index, Episode) -> tokenized arrays, or a Skip naming the record. With `dropout`
+    (probabilities {'text', 'vae', 'vit'}: BAGEL's CFG condition dropout, config key
+    data.cfg_dropout) it runs as a Grain random map after shuffle and repeat, so each epoch
+    draws which conditions each episode loses afresh, reproducibly from the seed."""
+
+    def __init__(self, tokenizer: tk.EpisodeTokenizer, seq_len: int, dropout=None):
+        self.tokenizer, self.seq_len = tokenizer, seq_len
+        dropout = dict(dropout or {})
+        unknown = set(dropout) - set(DROPOUT_KEYS)
+        if unknown:
+            raise ValueError(f"config key data.cfg_dropout: unknown keys {sorted(unknown)}; "
+                             f"expected {DROPOUT_KEYS}")
+        bad = {k: v for k, v in dropout.items() if not 0.0 <= float(v) <= 1.0}
+        if bad:
+            raise ValueError(f"config key data.cfg_dropout: probabilities {bad} not in [0, 1]")
+        self.dropout = {k: float(v) for k, v in dropout.items() if float(v) > 0}
+
+    def __call__(self, x, rng: np.random.Generator | None = None):
+        if isinstance(x, Skip):
+            return x
+        index, episode = x
+        where = f"record #{index}"
+        drop = None
+        if self.dropout and rng is not None:
+            drop = tk.CondDrop.draw(rng, len(episode.images()), **self.dropout)
         try:
-            arrays = self.tokenizer(episode)
+            arrays = self.tokenizer(episode, drop)
         except ep.EpisodeError as e:
             return Skip(index, "invalid", f"{where}: {e}")
         except tk.TokenizerError as e:
@@ -320,17 +346,21 @@ def make_dataset(source: Sequence[Any], tokenizer: tk.EpisodeTokenizer, *, seq_l
                  batch_size: int, seed: int, shuffle: bool = True, repeat: bool = True,
                  skips: SkipCounter, num_rows: int = 8, num_threads: int = 4,
                  prefetch: int = 64, num_workers: int = 0, process_index: int = 0,
-                 process_count: int = 1, drop_remainder: bool = True) -> grain.IterDataset:
+                 process_count: int = 1, drop_remainder: bool = True,
+                 cond_dropout=None) -> grain.IterDataset:
     """The pipeline as a Grain IterDataset of per-process batches of `batch_size` rows.
     `source` is one random-access source, or a list of (source, weight) to mix (e.g. the
-    shapes episodes with a self-sampled critique split)."""
-    ds = _mixed(source).map_with_index(DecodeEpisode(tokenizer, seq_len))
+    shapes episodes with a self-sampled critique split). `cond_dropout`: see
+    TokenizeEpisode."""
+    ds = _mixed(source).map_with_index(ReadEpisode())
     if process_count > 1:
         ds = ds[process_index::process_count]
     if shuffle:
         ds = ds.shuffle(seed)
     if repeat:
         ds = ds.repeat()
+    tokenize = TokenizeEpisode(tokenizer, seq_len, cond_dropout)
+    ds = ds.random_map(tokenize, seed=seed) if tokenize.dropout else ds.map(tokenize)
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                               prefetch_buffer_size=prefetch))
     if num_workers:
@@ -346,7 +376,7 @@ def make_train_iter(source: Sequence[Any], tokenizer: tk.EpisodeTokenizer, *, se
                     repeat: bool = True, skips: SkipCounter | None = None,
                     num_rows: int = 8, num_threads: int = 4, prefetch: int = 64,
                     num_workers: int = 0, process_index: int | None = None,
-                    process_count: int | None = None) -> grain.DatasetIterator:
+                    process_count: int | None = None, cond_dropout=None) -> grain.DatasetIterator:
     """Checkpointable iterator of per-process batches (global_batch_size / process_count
     rows, remainder dropped): dict of numpy arrays [rows, seq_len] (patches
     [rows, seq_len, patch_dim] uint8; with the tokenizer's ViT copy also vit_patches
@@ -359,7 +389,8 @@ def make_train_iter(source: Sequence[Any], tokenizer: tk.EpisodeTokenizer, *, se
                       batch_size=_per_process(global_batch_size, pc), seed=seed,
                       shuffle=shuffle, repeat=repeat, skips=skips,
                       num_rows=num_rows, num_threads=num_threads, prefetch=prefetch,
-                      num_workers=num_workers, process_index=pi, process_count=pc)
+                      num_workers=num_workers, process_index=pi, process_count=pc,
+                      cond_dropout=cond_dropout)
     return iter(ds)
 
 

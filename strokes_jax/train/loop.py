@@ -167,15 +167,17 @@ def train_iterator(config, etok, source, skips):
     (exact multi-host reproducibility checks; every host decodes everything)."""
     d = config.data
     split = d.get("process_split", "records")
+    dropout = dict(d.get("cfg_dropout", None) or {})
     if split == "records":
         return pipeline.make_train_iter(source, etok, seq_len=d.seq_len,
                                         global_batch_size=d.batch_size,
-                                        seed=d.shuffle_buffer_seed, skips=skips)
+                                        seed=d.shuffle_buffer_seed, skips=skips,
+                                        cond_dropout=dropout)
     if split != "rows":
         raise ValueError(f"config key data.process_split: {split!r} not in ('records', 'rows')")
     it = pipeline.make_train_iter(source, etok, seq_len=d.seq_len, global_batch_size=d.batch_size,
                                   seed=d.shuffle_buffer_seed, skips=skips, process_index=0,
-                                  process_count=1)
+                                  process_count=1, cond_dropout=dropout)
     return pipeline.RowSlice(it, jax.process_index(), jax.process_count())
 
 
