@@ -15,7 +15,8 @@ def test_reproduce_writes_the_ablation_table(tmp_path):
     c.optim.update(total_steps=4, warmup_steps=1)
     c.reproduce.update(curve_points=2, single_pass_multiples=(1.5,))
     out = reproduce.run(c, "shapes_repro.py:test", str(tmp_path))
-    assert list(out["rows"]) == list(reproduce.ROWS)
+    assert list(out["rows"]) == list(reproduce.RUN_ORDER)
+    assert sorted(reproduce.RUN_ORDER) == sorted(reproduce.ROWS)
     assert out["rows"]["single_pass"]["mode"] == "single_pass"
     for row, r in out["rows"].items():
         assert r["train_steps"] == 4
@@ -37,7 +38,8 @@ def test_reproduce_writes_the_ablation_table(tmp_path):
     assert open(tmp_path / "learning_curve.svg").read().startswith("<svg")
     assert sum(out["self_critique_outcomes"].values()) == c.self_critique.num_prompts
     table = open(tmp_path / "reproduction.md").read()
-    assert all(f"| {row} |" in table for row in reproduce.ROWS)
+    at = [table.index(f"| {row} |") for row in reproduce.ROWS]
+    assert at == sorted(at)  # printed in ladder order
 
 
 def test_a_preempted_row_stops_the_reproduction(tmp_path, monkeypatch):
