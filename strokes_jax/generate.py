@@ -29,7 +29,8 @@ import numpy as np
 
 from strokes_jax import episode as ep
 from strokes_jax import flow
-from strokes_jax.tokenizer import CLEAN, NOISY, TEXT, EpisodeTokenizer, unpatchify
+from strokes_jax.tokenizer import (CLEAN, NOISY, TEXT, VIT, EpisodeTokenizer, patchify,
+                                   unpatchify)
 
 
 @dataclasses.dataclass
@@ -88,9 +89,10 @@ class Generator:
                       t.end_of_episode]] = False
 
     def _forward(self, params, tokens, types, positions, segment_ids, blocks, patch_pos,
-                 latents, timesteps, q_index, img_start):
+                 latents, timesteps, q_index, img_start, vit_patches=None, vit_pos=None):
+        vit = {} if vit_patches is None else dict(vit_patches=vit_patches, vit_pos=vit_pos)
         logits, vel = self.model.apply({"params": params}, tokens, types, positions, segment_ids,
-                                       blocks, patch_pos, latents, timesteps)
+                                       blocks, patch_pos, latents, timesteps, **vit)
         b = jnp.arange(tokens.shape[0])
         idx = img_start[:, None] + jnp.arange(self.etok.num_patches)[None, :]
         idx = jnp.clip(idx, 0, tokens.shape[1] - 1)
@@ -103,9 +105,12 @@ class Generator:
                     ("tokens", "types", "positions", "segment_ids", "blocks", "patch_pos")}
         self.buf["latents"] = np.zeros((batch, L, P), np.float32)
         self.buf["timesteps"] = np.zeros((batch, L), np.float32)
+        if self.etok.vit_patch is not None:
+            self.buf["vit_patches"] = np.zeros((batch, L, self.etok.vit_patch_dim), np.float32)
+            self.buf["vit_pos"] = np.zeros((batch, L), np.int32)
 
     def _put(self, i: int, ex: _Ex, token: int, typ: int, block: int = 0, ppos: int = 0,
-             latent=None, t: float = 0.0):
+             latent=None, t: float = 0.0, vpatch=None, vpos: int = 0):
         if ex.n >= self.max_len:
             raise OverflowError
         b = self.buf
@@ -114,6 +119,9 @@ class Generator:
         b["blocks"][i, ex.n], b["patch_pos"][i, ex.n] = block, ppos
         b["latents"][i, ex.n] = 0.0 if latent is None else latent
         b["timesteps"][i, ex.n] = t
+        if "vit_patches" in b:
+            b["vit_patches"][i, ex.n] = 0.0 if vpatch is None else vpatch
+            b["vit_pos"][i, ex.n] = vpos
         ex.n += 1
 
     def _text(self, i, ex, token):
@@ -148,7 +156,8 @@ class Generator:
         args = {k: v[:, :L] for k, v in self.buf.items()}
         logits, vel = self._fwd(self.params, args["tokens"], args["types"], args["positions"],
                                 args["segment_ids"], args["blocks"], args["patch_pos"],
-                                args["latents"], args["timesteps"], q, img)
+                                args["latents"], args["timesteps"], q, img,
+                                args.get("vit_patches"), args.get("vit_pos"))
         logits, vel = np.asarray(logits), np.asarray(vel)
         for i, ex in enumerate(exs):
             if ex.mode == "text":
@@ -239,16 +248,30 @@ class Generator:
             for j in range(self.etok.num_patches):
                 self._put(i, ex, self.tok.pad_id, CLEAN, ex.block, j, clean[j])
             self._put(i, ex, self.tok.vision_end, TEXT, ex.block)
+            ex.pos += 1
+            if self.etok.vit_patch is not None:
+                self._put_vit(i, ex, img)
         except OverflowError:
             ex.stream.append(img)
             ex.mode, ex.hit_cap = "done", True
             return
-        ex.pos += 1
         ex.stream.append(img)
         last, _ = self._last_segment(ex)
         if last in ("plan", "prompt"):  # a refined image is not a new iteration
             ex.sketches += 1
         ex.mode = "text"
+
+    def _put_vit(self, i, ex, img):
+        """The ViT copy of a finished image, as in training (tokenizer.py): its own block at
+        the next RoPE position, pixels scaled like train/step.py's to_vit_pixels."""
+        e = self.etok
+        vp = patchify(img, e.vit_patch).astype(np.float32) / 127.5 - 1.0
+        ex.block += 1
+        self._put(i, ex, self.tok.vision_start, TEXT, ex.block)
+        for j in range(e.vit_num_patches):
+            self._put(i, ex, self.tok.pad_id, VIT, ex.block, vpatch=vp[j], vpos=int(e.vit_pos[j]))
+        self._put(i, ex, self.tok.vision_end, TEXT, ex.block)
+        ex.pos += 1
 
     def _last_segment(self, ex) -> tuple[str, bool]:
         """Kind of the most recent text segment ('prompt' | 'plan' | 'inspect' | 'refine' |

@@ -54,12 +54,12 @@ class Steered:
         self.vocab = etok.tok.vocab_size
 
     def apply(self, variables, tokens, types, positions, segment_ids, blocks, patch_pos,
-              latents, timesteps, cache=None):
+              latents, timesteps, cache=None, **vit):
         out = None
-        if self.model is not None:
+        if self.model is not None:  # vit: vit_patches / vit_pos when ViT copies are packed
             args = (tokens, types, positions, segment_ids, blocks, patch_pos, latents, timesteps)
-            out = (self.model.apply(variables, *args) if cache is None
-                   else self.model.apply(variables, *args, cache=cache))
+            out = (self.model.apply(variables, *args, **vit) if cache is None
+                   else self.model.apply(variables, *args, cache=cache, **vit))
         rows = jnp.arange(tokens.shape[0]) % self.stream.shape[0]
         clean = (segment_ids > 0) & (types != tk.NOISY)
         base = 0 if cache is None else cache["lengths"][:, None]

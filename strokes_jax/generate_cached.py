@@ -45,6 +45,8 @@ class _Pending:
     ppos: int
     latent: np.ndarray | None
     t: float
+    vpatch: np.ndarray | None = None  # a ViT token's pixels
+    vpos: int = 0
 
 
 class CachedGenerator(Generator):
@@ -52,7 +54,8 @@ class CachedGenerator(Generator):
                  cfg_img_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.4, 1.0),
                  cfg_renorm: str = "global", slab_widths=(1,), **kw):
         super().__init__(model, params, etok, **kw)
-        self.width = etok.num_patches + 2  # a clean block must fit one call (bidirectional)
+        # A clean or ViT block must fit one call (bidirectional).
+        self.width = max(etok.num_patches, etok.vit_num_patches) + 2
         self.widths = sorted({w for w in slab_widths if 0 < w < self.width} | {self.width})
         self.cfg_text_scale, self.cfg_img_scale = cfg_text_scale, cfg_img_scale
         self.cfg_interval, self.cfg_renorm = cfg_interval, cfg_renorm
@@ -73,17 +76,18 @@ class CachedGenerator(Generator):
     def _urow(self, kind: str, i: int) -> int:
         return (1 + self.uncond.index(kind)) * self.batch + i
 
-    def _put(self, i, ex, token, typ, block=0, ppos=0, latent=None, t=0.0):
+    def _put(self, i, ex, token, typ, block=0, ppos=0, latent=None, t=0.0, vpatch=None, vpos=0):
         if ex.n >= self.max_len:  # the same bound as the uncached buffer
             raise OverflowError
-        self.pending[i].append(_Pending(int(token), typ, ex.pos, block, ppos, latent, t))
+        self.pending[i].append(_Pending(int(token), typ, ex.pos, block, ppos, latent, t,
+                                        vpatch, vpos))
         for kind in self.uncond:
             # Image tokens (block > 0) go to the text-free context, text to the image-free.
             if (block > 0) != (kind == "text"):
                 continue
             pos = self.u_pos[kind]
             self.pending[self._urow(kind, i)].append(
-                _Pending(int(token), typ, pos[i], block, ppos, latent, t))
+                _Pending(int(token), typ, pos[i], block, ppos, latent, t, vpatch, vpos))
             if kind == "img" or token == self.tok.vision_end:
                 pos[i] += 1
         ex.n += 1
@@ -137,6 +141,9 @@ class CachedGenerator(Generator):
                 for k in _FIELDS}
         slab["latents"] = np.zeros((self.rows, W, self.etok.patch_dim), np.float32)
         slab["valid"] = np.zeros((self.rows, W), bool)
+        if self.etok.vit_patch is not None:
+            slab["vit_patches"] = np.zeros((self.rows, W, self.etok.vit_patch_dim), np.float32)
+            slab["vit_pos"] = np.zeros((self.rows, W), np.int32)
         n_write = np.zeros(self.rows, np.int32)
         q = np.zeros(self.rows, np.int32)
         for r, p in enumerate(plan):
@@ -144,8 +151,7 @@ class CachedGenerator(Generator):
                 continue
             if p[0] == "write":
                 for j, tok in enumerate(self.pending[r][:p[1]]):
-                    self._set(slab, r, j, tok.token, tok.typ, tok.pos, tok.block, tok.ppos,
-                              tok.latent, tok.t)
+                    self._set(slab, r, j, tok)
                 n_write[r], q[r] = p[1], p[1] - 1
             else:
                 ex = p[1]
@@ -181,10 +187,12 @@ class CachedGenerator(Generator):
             self._denoise(i, ex, v)
 
     @staticmethod
-    def _set(slab, r, j, token, typ, pos, block, ppos, latent, t):
-        slab["tokens"][r, j], slab["types"][r, j] = token, typ
-        slab["positions"][r, j], slab["blocks"][r, j] = pos, block
-        slab["patch_pos"][r, j], slab["timesteps"][r, j] = ppos, t
-        if latent is not None:
-            slab["latents"][r, j] = latent
+    def _set(slab, r, j, tok: _Pending):
+        slab["tokens"][r, j], slab["types"][r, j] = tok.token, tok.typ
+        slab["positions"][r, j], slab["blocks"][r, j] = tok.pos, tok.block
+        slab["patch_pos"][r, j], slab["timesteps"][r, j] = tok.ppos, tok.t
+        if tok.latent is not None:
+            slab["latents"][r, j] = tok.latent
+        if tok.vpatch is not None:
+            slab["vit_patches"][r, j], slab["vit_pos"][r, j] = tok.vpatch, tok.vpos
         slab["valid"][r, j] = True

@@ -242,9 +242,12 @@ def test_text_cfg(etok, model, params):
 class _TextSteered(Steered):
     """Steered text, the model's own velocities (so they depend on the context)."""
 
-    def apply(self, variables, *args, cache=None):
-        logits, _, kv = super().apply(variables, *args, cache=cache)
-        return logits, self.model.apply(variables, *args, cache=cache)[1], kv
+    def apply(self, variables, *args, cache=None, **vit):
+        if cache is None:
+            return super().apply(variables, *args, **vit)[0], self.model.apply(
+                variables, *args, **vit)[1]
+        logits, _, kv = super().apply(variables, *args, cache=cache, **vit)
+        return logits, self.model.apply(variables, *args, cache=cache, **vit)[1], kv
 
 
 def test_image_cfg_contexts(etok, model, params, monkeypatch):
@@ -277,3 +280,49 @@ def test_image_cfg_contexts(etok, model, params, monkeypatch):
                             **kw)([refs[0].prompt], "process")[0]
     assert plain.nfe == out.nfe and plain.nfe_evals == plain.nfe
     assert np.abs(plain.images[-1].astype(int) - out.images[-1].astype(int)).max() > 0
+
+
+def test_vit_copies_in_generation_cached_matches_uncached():
+    """With ViT copies packed (data.vit_copies), each finished image goes back into the
+    context a second time through the understanding path, as in training: its own block of
+    VIT tokens at the next RoPE position. Cached and uncached loops agree, and the copies
+    change what comes after them."""
+    from strokes_jax.tokenizer import VIT
+    vt = tk.EpisodeTokenizer(tk.Tokenizer.shapes(), IMAGE_SHAPE, PATCH, vit_patch=12,
+                             vit_max_side=5)
+    mc = dict(shapes_tiny.get_config("test").model)
+    mc.update(vocab_size=vt.tok.vocab_size, patch_dim=vt.patch_dim, latent_grid=(6, 6),
+              prediction="v", vision=dict(width=16, depth=1, heads=2, mlp=24, patch=12,
+                                          channels=3, max_side=5))
+    m = UnifiedModel(ModelConfig.from_config(mc))
+    from strokes_jax.train.state import dummy_inputs
+    p = nn.unbox(m.init(jax.random.PRNGKey(0), **dummy_inputs(1, 8, vt.patch_dim,
+                                                               m.cfg.vision))["params"])
+    k = jax.random.PRNGKey(1)
+    p["llm2vae"]["kernel"] = 0.2 * jax.random.normal(k, p["llm2vae"]["kernel"].shape)
+    p["lm_head"]["kernel"] = 5.0 * p["lm_head"]["kernel"]
+    refs = sorted(generate_episodes(5, 12, {"additive": 1.0}), key=lambda e: -len(e.steps))[:2]
+    kw = _gen_kw(flow_steps=2, max_iterations=8, max_text_tokens=64)
+    ref = Generator(_TextSteered(m, vt, refs), p, vt, **kw)
+    got = CachedGenerator(_TextSteered(m, vt, refs), p, vt, **kw)([r.prompt for r in refs],
+                                                                    "process")
+    out = ref([r.prompt for r in refs], "process")
+    assert all(len(o.images) >= 2 for o in out)
+    for a, b in zip(out, got):
+        assert a.text == b.text and a.nfe == b.nfe
+        for x, y in zip(a.images, b.images):
+            assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
+    # The uncached buffer: one ViT block per image, after its clean copy, one position on.
+    buf = ref.buf
+    for i, o in enumerate(out):
+        vit = buf["types"][i] == VIT
+        assert vit.sum() == vt.vit_num_patches * len(o.images)
+        first = int(np.argmax(vit))
+        assert buf["positions"][i, first] == buf["positions"][i, first - 2] + 1
+        assert buf["tokens"][i, first - 2] == vt.tok.vision_end
+    # Without the vision tower's input the second image comes out differently.
+    p0 = jax.tree_util.tree_map(lambda x: x, p)
+    p0["vision"] = jax.tree_util.tree_map(jnp.zeros_like, p["vision"])
+    blind = Generator(_TextSteered(m, vt, refs), p0, vt, **kw)([r.prompt for r in refs],
+                                                               "process")
+    assert np.abs(blind[0].images[1].astype(int) - out[0].images[1].astype(int)).max() > 0
