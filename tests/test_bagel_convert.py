@@ -296,3 +296,13 @@ def test_package_does_not_import_torch():
             "bad = [m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_memory_bench_smoke():
+    """The conversion memory benchmark runs end to end at a tiny size (the measured numbers
+    live in results/convert_memory_cpu.json)."""
+    from strokes_jax.convert import memory_bench
+    r = memory_bench.run(width=64, depth=2, mlp=128, vocab=512, heads=4)
+    assert r["source_mb_bf16"] > 0 and r["output_mb_f32"] == 2 * r["source_mb_bf16"]
+    assert r["peak_anon_mb"] >= r["anon_after_imports_mb"] > 0
+    assert r["params"]["language_model"] > 0 and r["device"]["platform"] == "cpu"

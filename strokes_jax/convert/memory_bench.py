@@ -1,0 +1,164 @@
+"""Peak host memory of `convert bagel` on a synthetic BAGEL-named checkpoint, as JSON.
+
+The converter reads one tensor at a time and writes the scanned layout into pre-allocated
+stacks, so its peak should be about one copy of the output plus one tensor, not the source
+plus the output. This measures it at a size where that difference is visible (the real 14B
+checkpoint is not reachable from this machine):
+
+  python -m strokes_jax.convert.memory_bench --width 1024 --depth 16 --mlp 4096 \\
+      --vocab 32768 --out results/convert_memory_cpu.json
+
+The checkpoint is written in bfloat16 with the real key names (the key map's inverse: every
+rule's source name and shape), then converted to float32 in a fresh process whose peak anonymous memory (RssAnon,
+sampled every 20 ms; getrusage's peak would include the parent's, inherited through
+fork + exec) is compared with its value after imports. The safetensors file is mmapped, so
+its pages show up as RssFile (reported separately), which the kernel can drop.
+
+Measured (results/convert_memory_cpu.json, 557M params, 1.06 GB bf16 -> 2.13 GB fp32):
+the key-map stage peaks at ~1.1x the output (one tensor in flight); Orbax's save then
+holds a second copy, so the whole command peaks at ~2.0x the output (2.5x before the
+params were handed to Orbax as zero-copy CPU jax arrays). A 14B checkpoint in float32
+would need ~115 GB of host memory, ~57 GB with `--dtype keep` (bfloat16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import tempfile
+import time
+
+
+def _config(width: int, depth: int, mlp: int, vocab: int, heads: int):
+    from configs import bagel7b_process
+    from strokes_jax.convert.__main__ import configs_of
+    c = bagel7b_process.get_config("test")
+    c.model.update(width=width, depth=depth, mlp=mlp, vocab_size=vocab, heads=heads,
+                   kv_heads=max(1, heads // 4), head_dim=width // heads)
+    return configs_of(c)
+
+
+def write_synthetic(cfg, ae_cfg, d: str) -> tuple[str, str]:
+    """Random bfloat16 tensors under every source key the key map expects."""
+    import ml_dtypes
+    import numpy as np
+    from safetensors import numpy as st_numpy
+    from strokes_jax.convert import bagel
+
+    rng = np.random.default_rng(0)
+    rules, _ = bagel.model_rules(cfg)
+
+    def tensors(rs):
+        return {r.src: rng.standard_normal(r.shape, np.float32).astype(ml_dtypes.bfloat16)
+                for r in rs}
+
+    ema = tensors(rules)
+    for t in bagel.fixed_tables(cfg):
+        ema[t.src] = np.asarray(t.value, ml_dtypes.bfloat16)
+    paths = os.path.join(d, "ema.safetensors"), os.path.join(d, "ae.safetensors")
+    st_numpy.save_file(ema, paths[0])
+    del ema
+    st_numpy.save_file(tensors(bagel.vae_rules(ae_cfg)), paths[1])
+    return paths
+
+
+def _status_mb() -> dict[str, float]:
+    """RssAnon (the process's own memory) and RssFile (mapped file pages, e.g. safetensors'
+    mmap, which the kernel may drop at will) from /proc/self/status."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            if k in ("RssAnon", "RssFile"):
+                out[k] = int(v.split()[0]) / 1024.0
+    return out
+
+
+class _Sampler:
+    """Peak RssAnon / RssFile, sampled every 20 ms on a thread."""
+
+    def __init__(self):
+        import threading
+        self.peak = _status_mb()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.wait(0.02):
+            now = _status_mb()
+            self.peak = {k: max(v, now.get(k, 0.0)) for k, v in self.peak.items()}
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._t.join()
+        return self.peak
+
+
+def _convert_child(args, q):
+    import jax  # noqa: F401  (imports are part of the baseline, not of the conversion)
+    import numpy as np
+    import orbax.checkpoint  # noqa: F401
+    from strokes_jax.convert.bagel import convert_bagel
+    cfg, ae_cfg = _config(*args["shape"])
+    base_status = _status_mb()
+    sampler = _Sampler()
+    t0 = time.time()
+    convert_bagel(args["ema"], args["ae"], args["out"], cfg, ae_cfg, dtype=np.float32)
+    seconds = time.time() - t0
+    peak = sampler.stop()
+    q.put({"anon_after_imports_mb": base_status["RssAnon"], "peak_anon_mb": peak["RssAnon"],
+           "peak_file_mapped_mb": peak["RssFile"], "convert_seconds": seconds})
+
+
+def run(width: int, depth: int, mlp: int, vocab: int, heads: int) -> dict:
+    from strokes_jax.evaluate import report
+    from strokes_jax.model.counts import param_counts
+    cfg, ae_cfg = _config(width, depth, mlp, vocab, heads)
+    with tempfile.TemporaryDirectory() as d:
+        ema, ae = write_synthetic(cfg, ae_cfg, d)
+        src_mb = (os.path.getsize(ema) + os.path.getsize(ae)) / 2 ** 20
+        ctx = mp.get_context("spawn")  # a fresh process: its peak RSS is the conversion's
+        q = ctx.Queue()
+        p = ctx.Process(target=_convert_child, args=(dict(
+            shape=(width, depth, mlp, vocab, heads), ema=ema, ae=ae,
+            out=os.path.join(d, "out")), q))
+        p.start()
+        res = q.get()
+        p.join()
+        if p.exitcode:
+            raise RuntimeError(f"conversion process exited with {p.exitcode}")
+    counts = param_counts(cfg, ae_cfg)
+    out_mb = src_mb * 2  # bfloat16 source -> float32 params
+    anon = res["peak_anon_mb"] - res["anon_after_imports_mb"]
+    return {"bench": "convert_memory", "commit": report.git_commit(),
+            "device": report.device_info(),
+            "config": dict(width=width, depth=depth, mlp=mlp, vocab=vocab, heads=heads),
+            "params": counts, "source_mb_bf16": src_mb, "output_mb_f32": out_mb, **res,
+            "conversion_anon_growth_mb": anon, "anon_growth_over_output": anon / out_mb,
+            "anon_growth_over_source_plus_output": anon / (src_mb + out_mb)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m strokes_jax.convert.memory_bench")
+    ap.add_argument("--width", type=int, default=1024)
+    ap.add_argument("--depth", type=int, default=16)
+    ap.add_argument("--mlp", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=32768)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args(argv)
+    res = run(a.width, a.depth, a.mlp, a.vocab, a.heads)
+    text = json.dumps(res, indent=1)
+    print(text)
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
