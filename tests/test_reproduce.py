@@ -64,3 +64,14 @@ def test_multiple_to_match_interpolates():
     assert curve.multiple_to_match(pts, 0.5) == 1.5
     assert curve.multiple_to_match(pts, 0.05) == 0.5
     assert curve.multiple_to_match(pts, 0.8) is None
+
+
+def test_every_repro_variant_builds():
+    """Each variant's config passes the setup checks (model, optimizer, mesh, sharding) and
+    its rows' mixes exist; the GPU variant is only built here, not trained."""
+    from strokes_jax.train import loop
+    for arg in ("quick", "gpu", "test", None):
+        c = shapes_repro.get_config(arg)
+        assert set(c.reproduce.mixes) == set(reproduce.ROWS) - {"self_critique"}
+        s = loop.setup(c)
+        assert s.model.cfg.decoder.width == c.model.width
