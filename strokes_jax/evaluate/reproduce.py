@@ -88,7 +88,7 @@ def _learning_curve(config, config_name: str, workdir: str, out: dict, setup, c,
         cm = row_config(config, "single_pass")
         cm.train.steps = cm.optim.total_steps = int(round(m * total))
         cm.train.checkpoint_every = cm.train.steps
-        s, _, payload = _train_eval(cm, os.path.join(workdir, f"single_pass_x{m:g}"),
+        _, _, payload = _train_eval(cm, os.path.join(workdir, f"single_pass_x{m:g}"),
                                     ("single_pass",), f"{config_name}:single_pass_x{m:g}")
         pts.append((float(m), payload["results"]["single_pass"]["scores"]["overall"]))
     out["single_pass_curve"] = sorted(pts)
