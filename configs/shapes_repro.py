@@ -1,6 +1,7 @@
 """The shapes reproduction (issue 5): five rows with the same model and the same number of
-training steps (1000), sized for about 1.5-2 hours on 2 CPU cores (in the background) or
-minutes on one accelerator. The accuracy-vs-iteration-cap sweep runs on the full-method row.
+training steps (1000), sized for about 2 hours on 2 CPU cores (in the background) or
+minutes on one accelerator. The accuracy-vs-iteration-cap sweep runs on the full-method row;
+a single-pass run at 2x the steps extends the learning curve.
 
   python -m strokes_jax reproduce --config configs/shapes_repro.py --workdir runs/repro
 Variants: ':quick' is the 15-minute demo's budget per row (400 steps, ~40 minutes in all on
@@ -37,4 +38,5 @@ def get_config(arg: str | None = None):
     c.optim.update(total_steps=1000, warmup_steps=50)
     c.eval.update(prompts_per_tag=10, images_per_prompt=2, iteration_caps=(1, 2, 3))
     c.self_critique.num_prompts = 600
+    c.reproduce.single_pass_multiples = (2,)
     return c

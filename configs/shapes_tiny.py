@@ -45,6 +45,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # latents this is what makes images learn at this size: 300-step A/B, flow MSE 0.067
         # (x) vs 0.121 (v) at shift 3, and clean backgrounds instead of colour noise (README).
         prediction="x",
+        # Noisy tokens get the previous image's patch as input and the x-head predicts the
+        # change from it (not BAGEL; model/unified.py). Without it the second sketch lost
+        # the first sketch's objects at every budget we ran (README).
+        canvas_skip=True,
     ))
 
     # Shift 3 spends training and sampling at high noise, where layout is decided (A/B in

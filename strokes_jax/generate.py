@@ -66,6 +66,7 @@ class _Ex:
     hit_cap: bool = False
     stream: list = dataclasses.field(default_factory=list)  # ints and images
     rng: np.random.Generator | None = None  # this example's noise
+    canvas: np.ndarray | None = None  # latents of its last finished image (model.canvas_skip)
 
 
 class Generator:
@@ -242,6 +243,7 @@ class Generator:
         h, w, c = self.etok.image_shape
         img = unpatchify(pixels, (h, w), self.etok.patch, c)
         clean = pixels.astype(np.float32) / 127.5 - 1.0
+        ex.canvas = clean
         ex.block += 1
         try:
             self._put(i, ex, self.tok.vision_start, TEXT, ex.block)

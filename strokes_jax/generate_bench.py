@@ -56,7 +56,7 @@ class Steered:
     def apply(self, variables, tokens, types, positions, segment_ids, blocks, patch_pos,
               latents, timesteps, cache=None, **vit):
         out = None
-        if self.model is not None:  # vit: vit_patches / vit_pos when ViT copies are packed
+        if self.model is not None:  # vit: vit_patches / vit_pos (ViT copies), canvas
             args = (tokens, types, positions, segment_ids, blocks, patch_pos, latents, timesteps)
             out = (self.model.apply(variables, *args, **vit) if cache is None
                    else self.model.apply(variables, *args, cache=cache, **vit))

@@ -64,6 +64,8 @@ class CachedGenerator(Generator):
                             if s != 1.0)
         self.cfg = bool(self.uncond)
         self._step = kvc.make_decode_step(model.apply)
+        # The cache holds no latents, so a noisy block's canvas comes from the host.
+        self.canvas = bool(getattr(model.cfg, "canvas_skip", False))
 
     # -- buffers: the cache on device, pending tokens on the host ------------------------
     def _alloc(self, batch: int):
@@ -144,6 +146,8 @@ class CachedGenerator(Generator):
         if self.etok.vit_patch is not None:
             slab["vit_patches"] = np.zeros((self.rows, W, self.etok.vit_patch_dim), np.float32)
             slab["vit_pos"] = np.zeros((self.rows, W), np.int32)
+        if self.canvas:
+            slab["canvas"] = np.zeros((self.rows, W, self.etok.patch_dim), np.float32)
         n_write = np.zeros(self.rows, np.int32)
         q = np.zeros(self.rows, np.int32)
         for r, p in enumerate(plan):
@@ -161,6 +165,10 @@ class CachedGenerator(Generator):
                 slab["positions"][r, sl], slab["blocks"][r, sl] = pos, ex.block
                 slab["patch_pos"][r, sl], slab["latents"][r, sl] = np.arange(P), ex.x
                 slab["timesteps"][r, sl], slab["valid"][r, sl] = self.ts[ex.k], True
+                # The image-free context paints on a blank canvas.
+                if self.canvas and ex.canvas is not None and (
+                        r < B or self.uncond[r // B - 1] != "img"):
+                    slab["canvas"][r, sl] = ex.canvas
         logits, vel, self.cache = self._step(self.params, self.cache,
                                              {k: jnp.asarray(v) for k, v in slab.items()},
                                              jnp.asarray(n_write), jnp.asarray(q))

@@ -48,8 +48,10 @@ def decode_step(apply_fn, params, cache: dict, slab: dict, n_write, q_index):
 
     apply_fn: UnifiedModel.apply (or a stand-in with the same decode-mode signature). slab:
     tokens/types/positions/valid/blocks/patch_pos [B, W], latents [B, W, P], timesteps
-    [B, W], and with ViT copies vit_patches [B, W, p*p*3] and vit_pos [B, W]. Returns (logits at q_index [B, V], velocities [B, W, P], the new cache)."""
-    vit = {k: slab[k] for k in ("vit_patches", "vit_pos") if k in slab}  # ViT copies packed
+    [B, W], with ViT copies vit_patches [B, W, p*p*3] and vit_pos [B, W], with
+    model.canvas_skip canvas [B, W, P]. Returns (logits at q_index [B, V], velocities
+    [B, W, P], the new cache)."""
+    vit = {k: slab[k] for k in ("vit_patches", "vit_pos", "canvas") if k in slab}
     logits, vel, new_kv = apply_fn(
         {"params": params}, slab["tokens"], slab["types"], slab["positions"],
         slab["valid"].astype(jnp.int32), slab["blocks"], slab["patch_pos"], slab["latents"],

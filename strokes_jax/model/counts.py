@@ -43,7 +43,8 @@ def param_counts(cfg: ModelConfig, ae_cfg: AEConfig | None = None) -> dict[str, 
     und = sum(int(np.prod(x.shape)) for path, x in leaves if expert(path, "_und"))
     gen = sum(int(np.prod(x.shape)) for path, x in leaves if expert(path, "_gen"))
     shared = _size(p["embed"]) + _size(p["lm_head"])
-    heads = sum(_size(p[k]) for k in ("vae2llm", "llm2vae", "time_embedder"))
+    heads = sum(_size(p[k]) for k in ("vae2llm", "llm2vae", "time_embedder", "canvas2llm")
+                if k in p)
     vision = _size(p.get("vision", {}))
     out = dict(expert_und=und, expert_gen=gen, shared_embed_head=shared, gen_heads=heads,
                vision=vision, language_model=und + gen + shared,

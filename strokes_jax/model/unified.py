@@ -48,10 +48,19 @@ class ModelConfig:
     # width 3584.
     prediction: str = "v"
     x_min_t: float = 0.05
+    # Not in BAGEL (which copies a context image through attention alone): each noisy token
+    # also gets the same patch of the episode's previous clean image (the canvas it paints
+    # on) as input, and the x-head predicts the change from it, as InstructPix2Pix feeds its
+    # source image. See previous_canvas. At shapes scale attention could not copy 108-d
+    # patches through a width-128 stream: the second sketch lost the first's objects.
+    canvas_skip: bool = False
 
     def __post_init__(self):
         if self.prediction not in ("v", "x"):
             raise ValueError(f"config key model.prediction: {self.prediction!r} not in ('v', 'x')")
+        if self.canvas_skip and self.prediction != "x":
+            raise ValueError("config key model.canvas_skip: needs model.prediction='x' (the "
+                             "skip adds the canvas to the predicted clean image)")
 
     @classmethod
     def from_config(cls, cfg) -> "ModelConfig":
@@ -59,7 +68,7 @@ class ModelConfig:
         d = dict(cfg)
         dec_keys = {f.name for f in dataclasses.fields(DecoderConfig)}
         top = {"vocab_size", "patch_dim", "latent_grid", "vision", "time_scale", "prediction",
-               "x_min_t"}
+               "x_min_t", "canvas_skip"}
         unknown = set(d) - dec_keys - top
         if unknown:
             raise ValueError(f"unknown config keys model.{sorted(unknown)}")
@@ -75,7 +84,26 @@ class ModelConfig:
                    decoder=DecoderConfig(**{k: d[k] for k in dec_keys if k in d}), vision=vision,
                    time_scale=float(d.get("time_scale", 1.0)),
                    prediction=str(d.get("prediction", "v")),
-                   x_min_t=float(d.get("x_min_t", 0.05)))
+                   x_min_t=float(d.get("x_min_t", 0.05)),
+                   canvas_skip=bool(d.get("canvas_skip", False)))
+
+
+def previous_canvas(types, patch_pos, segment_ids, latents):
+    """For each NOISY token, the same patch of the last CLEAN image before it in its segment
+    (sequence) [B, L, P]; zeros where there is none (the first image of an episode: in
+    latent space 0 is a blank canvas, mid-grey for the shapes world's pixels) and for every
+    other token. Clean blocks are contiguous in patch order (tokenizer.py), so the source is
+    the block's first patch + patch_pos. A clean copy left out by CFG dropout makes the
+    image before it the canvas."""
+    b, l = types.shape
+    idx = jnp.broadcast_to(jnp.arange(l), (b, l))
+    starts = (types == CLEAN) & (patch_pos == 0)
+    last = jax.lax.cummax(jnp.where(starts, idx, -1), axis=1)
+    src = jnp.clip(last + patch_pos, 0, l - 1)
+    take = lambda a: jnp.take_along_axis(a, src, axis=1)
+    ok = ((types == NOISY) & (last >= 0) & (take(segment_ids) == segment_ids)
+          & (take(types) == CLEAN) & (take(patch_pos) == patch_pos))
+    return jnp.where(ok[..., None], jnp.take_along_axis(latents, src[..., None], axis=1), 0.0)
 
 
 class UnifiedModel(nn.Module):
@@ -83,7 +111,7 @@ class UnifiedModel(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, types, positions, segment_ids, blocks, patch_pos, latents,
-                 timesteps, vit_patches=None, vit_pos=None, cache=None):
+                 timesteps, vit_patches=None, vit_pos=None, cache=None, canvas=None):
         """tokens/types/positions/segment_ids/blocks/patch_pos: int [B, L]; latents float
         [B, L, patch_dim] (x_t for noisy tokens, x_0 for clean, ignored for text);
         timesteps float [B, L]; with a vision config, vit_patches float [B, L, p*p*3] and
@@ -93,7 +121,11 @@ class UnifiedModel(nn.Module):
         Decode mode (model/cache.py): with `cache` = {"k", "v": [depth, B, C, KV, D],
         "lengths": int [B]}, the L inputs are new tokens run against the cached prefix and
         segment_ids only marks which of them are real (> 0). Also returns their (k, v), each
-        [depth, B, L, KV, D]; nothing is written here (cache.append decides what is kept)."""
+        [depth, B, L, KV, D]; nothing is written here (cache.append decides what is kept).
+
+        canvas [B, L, P] (with cfg.canvas_skip): each noisy token's previous-canvas patch.
+        Derived from the sequence when None (previous_canvas); decode mode must pass it,
+        since the cache holds no latents."""
         c, d = self.cfg, self.cfg.decoder
         dt = d.jdtype
         embed = param_with_axes(self, "embed", nn.initializers.normal(0.02),
@@ -106,6 +138,14 @@ class UnifiedModel(nn.Module):
         lat = lat + temb
         temb = temb if d.time_adaln else None
         lat = lat + jnp.take(table, patch_pos, axis=0).astype(dt)
+        if c.canvas_skip:
+            if canvas is None:
+                if cache is not None:
+                    raise ValueError("decode mode with model.canvas_skip needs `canvas`")
+                canvas = previous_canvas(types, patch_pos, segment_ids, latents)
+            canvas = jnp.where((types == NOISY)[..., None], canvas, 0.0).astype(jnp.float32)
+            lat = lat + DenseGeneral((d.width,), ("patch", "embed"), use_bias=False, dtype=dt,
+                                     name="canvas2llm")(canvas)
         is_gen = (types == NOISY) | (types == CLEAN)
         x = jnp.where(is_gen[..., None], lat, text)
         if c.vision is not None and vit_patches is not None:
@@ -126,6 +166,8 @@ class UnifiedModel(nn.Module):
         vel = DenseGeneral((c.patch_dim,), ("embed", "patch"), use_bias=True, dtype=dt,
                            kernel_init=nn.initializers.zeros, name="llm2vae")(h)
         if c.prediction == "x":
+            if c.canvas_skip:
+                vel = vel + canvas.astype(vel.dtype)
             t = jnp.maximum(timesteps, c.x_min_t)[..., None].astype(vel.dtype)
             vel = (latents.astype(vel.dtype) - vel) / t
         if cache is None:
