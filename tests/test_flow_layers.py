@@ -159,7 +159,8 @@ def test_x_prediction_head_is_the_velocity_of_its_x0():
     import flax.linen as nn
     from strokes_jax.model.unified import ModelConfig, UnifiedModel
     mc = dict(shapes_tiny.get_config("test").model)
-    mc.update(vocab_size=11, patch_dim=12, latent_grid=(2, 2), prediction="v")
+    mc.update(vocab_size=11, patch_dim=12, latent_grid=(2, 2), prediction="v",
+              canvas_skip=False)
     vm = UnifiedModel(ModelConfig.from_config(mc))
     xm = UnifiedModel(ModelConfig.from_config({**mc, "prediction": "x", "x_min_t": 0.1}))
     rng = np.random.default_rng(0)

@@ -40,7 +40,7 @@ def _model(etok, scan=False, adaln=False):
               scan_layers=scan, time_adaln=adaln,
               # The v head: the x head's 1/t (1/x_min_t on text rows) would magnify float
               # rounding past the tolerance; it is an elementwise map of the same outputs.
-              prediction="v")
+              prediction="v", canvas_skip=False)
     return UnifiedModel(ModelConfig.from_config(mc))
 
 
@@ -292,8 +292,8 @@ def test_vit_copies_in_generation_cached_matches_uncached():
                              vit_max_side=5)
     mc = dict(shapes_tiny.get_config("test").model)
     mc.update(vocab_size=vt.tok.vocab_size, patch_dim=vt.patch_dim, latent_grid=(6, 6),
-              prediction="v", vision=dict(width=16, depth=1, heads=2, mlp=24, patch=12,
-                                          channels=3, max_side=5))
+              prediction="v", canvas_skip=False,
+              vision=dict(width=16, depth=1, heads=2, mlp=24, patch=12, channels=3, max_side=5))
     m = UnifiedModel(ModelConfig.from_config(mc))
     from strokes_jax.train.state import dummy_inputs
     p = nn.unbox(m.init(jax.random.PRNGKey(0), **dummy_inputs(1, 8, vt.patch_dim,
