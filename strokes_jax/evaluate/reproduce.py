@@ -77,21 +77,21 @@ def _checkpoint_curve(setup, c, rowdir: str, total: int) -> list[tuple[float, fl
     return pts
 
 
-def _learning_curve(config, config_name: str, workdir: str, out: dict, setup, c, rowdir: str,
-                    final: float) -> None:
-    """reproduce.curve_points checkpoints inside the single-pass row, then single-pass runs
-    of reproduce.single_pass_multiples x the row's steps (each from scratch, its own
-    schedule), so the figure can say how much more training single-pass needs."""
+def _longer_single_pass(config, config_name: str, workdir: str, out: dict) -> None:
+    """Single-pass runs of reproduce.single_pass_multiples x the row's steps (each from
+    scratch, its own schedule), so the learning curve can say how much more training
+    single-pass needs. They run after every row: a stopped run still has the whole table."""
     total = config.train.steps
-    pts = _checkpoint_curve(setup, c, rowdir, total) + [(1.0, final)]
     for m in config.reproduce.get("single_pass_multiples", ()):
         cm = row_config(config, "single_pass")
         cm.train.steps = cm.optim.total_steps = int(round(m * total))
         cm.train.checkpoint_every = cm.train.steps
         _, _, payload = _train_eval(cm, os.path.join(workdir, f"single_pass_x{m:g}"),
                                     ("single_pass",), f"{config_name}:single_pass_x{m:g}")
-        pts.append((float(m), payload["results"]["single_pass"]["scores"]["overall"]))
-    out["single_pass_curve"] = sorted(pts)
+        out["single_pass_curve"] = sorted(
+            out.get("single_pass_curve", []) +
+            [(float(m), payload["results"]["single_pass"]["scores"]["overall"])])
+        _write(out, workdir)
 
 
 def _with_curve_checkpoints(c, config):
@@ -115,8 +115,9 @@ def run(config, config_name: str, workdir: str, rows=RUN_ORDER) -> dict:
             c = _with_curve_checkpoints(c, config)
             setup, summary, payload = _train_eval(c, rowdir, modes, f"{config_name}:{row}")
             episodes = c.data.num_train
-            _learning_curve(config, config_name, workdir, out, setup, c, rowdir,
-                            payload["results"][modes[0]]["scores"]["overall"])
+            # Scored at reproduce.curve_points checkpoints inside the row.
+            out["single_pass_curve"] = _checkpoint_curve(setup, c, rowdir, total) + [
+                (1.0, payload["results"][modes[0]]["scores"]["overall"])]
         elif row != "self_critique":
             _, summary, payload = _train_eval(c, rowdir, modes, f"{config_name}:{row}")
             episodes = c.data.num_train
@@ -141,6 +142,8 @@ def run(config, config_name: str, workdir: str, rows=RUN_ORDER) -> dict:
                             "train_steps": total, "final_loss": summary["losses"][-1][1]
                             if summary["losses"] else None}
         _write(out, workdir)  # after every row: a stopped run still leaves its finished rows
+    if "single_pass" in rows:
+        _longer_single_pass(config, config_name, workdir, out)
     return out
 
 
