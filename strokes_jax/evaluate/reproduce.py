@@ -71,7 +71,9 @@ def _checkpoint_curve(setup, c, rowdir: str, total: int) -> list[tuple[float, fl
     mgr = ckpt.manager(rowdir, keep=c.train.keep_checkpoints, save_every=c.train.checkpoint_every)
     pts = []
     for step in sorted(mgr.all_steps()):
-        if 0 < step < total:
+        # Only the planned points: Orbax also keeps a run's first step, and a preemption
+        # save lands off the grid.
+        if 0 < step < total and step % c.train.checkpoint_every == 0:
             _, setup.state = ckpt.restore_latest(mgr, setup.state, setup.shardings, step=step)
             pts.append((step / total, _overall(setup, c, "single_pass")))
     return pts
@@ -139,6 +141,9 @@ def run(config, config_name: str, workdir: str, rows=RUN_ORDER) -> dict:
                             "nfe_per_sample": res["nfe_per_sample"],
                             "evals_per_sample": res.get("evals_per_sample"),
                             "episodes": episodes, "wall_s": time.time() - t0,
+                            # > 0: the row resumed from a checkpoint, and wall_s is this
+                            # process's share only.
+                            "start_step": summary.get("start_step", 0),
                             "train_steps": total, "final_loss": summary["losses"][-1][1]
                             if summary["losses"] else None}
         _write(out, workdir)  # after every row: a stopped run still leaves its finished rows
@@ -184,10 +189,11 @@ def table(out: dict) -> str:
                        f"Single-pass training needed to match the full method: {verdict}."]
     for row, r in sorted(out["rows"].items(), key=lambda kv: ROWS.index(kv[0])):
         sc = r["scores"]
+        resumed = f" (resumed at step {r['start_step']})" if r.get("start_step") else ""
         lines.append(f"| {row} | " + " | ".join(f"{sc.get(t, float('nan')):.2f}" for t in (
             "single_object", "two_object", "counting", "colors", "position", "color_attr"))
             + f" | {sc['overall']:.3f} | {r['nfe_per_image']:.1f} | {r['nfe_per_sample']:.1f} | "
-            f"{r['episodes']} | {r['wall_s']:.0f} |")
+            f"{r['episodes']} | {r['wall_s']:.0f}{resumed} |")
     if "self_critique" not in out["rows"]:
         curve_lines = curve_lines[:2]  # no full-method score to compare with yet
     return "\n".join(lines + curve_lines)
