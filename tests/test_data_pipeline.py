@@ -91,7 +91,7 @@ def test_tfds_array_record_roundtrip(tmp_path):
     t0 = time.perf_counter()
     ts.build(tmp_path, cfg)
     build_s = time.perf_counter() - t0
-    files = sorted(p.name for p in (tmp_path / "shapes_episodes" / "tiny" / "1.0.0").iterdir())
+    files = sorted(p.name for p in (tmp_path / "shapes_episodes" / "tiny" / "1.1.0").iterdir())
     assert any(".array_record-" in f for f in files), files
     for split, num in (("train", 24), ("eval", 6)):
         want = [e.to_bytes() for e in tiny_episodes(ts.split_seed(3, split), num, {})]

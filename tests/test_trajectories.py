@@ -116,6 +116,12 @@ def test_every_critique_kind_is_produced_and_consistent(kind):
             got, kinds = replay(e)
             assert kinds == [kind] and got == final
             assert prompts.check_scene(final, p)[0]
+            # Only drawings that match their plan are flow targets: an image-side wrong
+            # sketch is context for the inspection; a text-side one draws its plan right.
+            crit = [st for st in e.steps if st.refine is not None]
+            assert len(crit) == 1
+            assert crit[0].sketch_target == (kind in cr.TEXT_KINDS)
+            assert all(st.sketch_target for st in e.steps if st.refine is None)
             made += 1
     assert made > 0
 

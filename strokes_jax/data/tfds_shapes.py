@@ -73,8 +73,9 @@ def split_seed(seed: int, split: str) -> int:
 class ShapesEpisodes(tfds.core.GeneratorBasedBuilder):
     """Shapes-world episodes (prompt / plan / sketch / inspect / refine), one record each."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Episode.to_bytes records with tag and kind."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "Episode.to_bytes records with tag and kind.",
+                     "1.1.0": "Image-side symbolic critique sketches are context, not targets."}
     BUILDER_CONFIGS = [ShapesConfig(name="default")]
     # The pipeline shuffles globally at read time; keeping generation order on disk makes a
     # split reproducible to inspect and skips TFDS's hash-bucket shuffle at write time.
