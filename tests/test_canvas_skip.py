@@ -67,9 +67,8 @@ def test_previous_canvas_on_a_packed_row(etok):
     got = np.asarray(previous_canvas(jnp.asarray(r["types"]), jnp.asarray(r["patch_pos"]),
                                      jnp.asarray(r["segment_ids"]), lat))[0]
     types, seg, blocks = r["types"][0], r["segment_ids"][0], r["blocks"][0]
-    noisy_blocks = []
     for s, e in zip((1, 2), eps):
-        nb = [b for b in np.unique(blocks[(seg == s) & (types == NOISY)])]
+        nb = np.unique(blocks[(seg == s) & (types == NOISY)])
         images = e.images()
         assert len(nb) == len(images) >= 2
         for k, b in enumerate(nb):
@@ -77,7 +76,6 @@ def test_previous_canvas_on_a_packed_row(etok):
             want = (np.zeros((36, etok.patch_dim), np.float32) if k == 0 else
                     tk.patchify(images[k - 1], PATCH).astype(np.float32) / 127.5 - 1.0)
             np.testing.assert_allclose(got[sel], want, atol=1e-6)
-        noisy_blocks += nb
     # Every other token (text, clean copies, padding) gets nothing.
     assert not got[types != NOISY].any()
 
