@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
 import time
 
@@ -121,8 +122,10 @@ def run(config, config_name: str, workdir: str) -> dict:
         "final_loss": float(metrics["loss"]), **peak_memory(),
     }
     os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, f"bench_{config_name.removesuffix('.py')}_"
-                                 f"{dev['device_kind'].replace(' ', '_')}.json")
+    # The attention kernel is in the name so that an xla and a cudnn run sit side by side.
+    attn = "" if mc.decoder.attention == "xla" else f"_{mc.decoder.attention}"
+    name = f"bench_{config_name.removesuffix('.py')}{attn}_{dev['device_kind']}"
+    path = os.path.join(workdir, re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".json")
     with open(path, "w") as fh:
         json.dump(out, fh, indent=1)
     out["path"] = path

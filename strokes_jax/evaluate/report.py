@@ -30,7 +30,8 @@ def git_commit() -> str:
                                capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout
         return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        # A copied tree without .git (a lent accelerator): the launcher names the commit.
+        return os.environ.get("STROKES_JAX_COMMIT", "unknown")
 
 
 def device_info() -> dict:

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# One pass of the accelerator checks on a lent GPU, in a fixed time budget:
+#   launch/gpu_checks.sh OUT_DIR [SECONDS]
+# 1. the issue-3 throughput benchmark of configs/mot_1b.py, XLA attention then cuDNN;
+# 2. the shapes reproduction (configs/shapes_repro.py, the CPU reference config) for whatever
+#    time is left; it writes its table after every row, so a stopped run still reports the
+#    rows it finished and how long each took on this device.
+# Python packages the image lacks come from wheels in .whl/ (grain, TFDS, clu, ...), and
+# launch/no_tensorflow.py stands in for TensorFlow, which GPU images rarely ship.
+set -u
+out=${1:?usage: launch/gpu_checks.sh OUT_DIR [SECONDS]}
+budget=${2:-560}
+start=$(date +%s)
+left() { echo $(( budget - ($(date +%s) - start) )); }
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+# Rows share shapes, so later rows and the curve evaluations reuse compiled programs.
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+# flax and orbax outside the versions setup.cfg allows: use the carried ones.
+check='from importlib.metadata import version as v; import flax, orbax.checkpoint
+ok = v("flax") < "0.13" and v("orbax-checkpoint") < "0.13"
+print("flax", v("flax"), "orbax", v("orbax-checkpoint"), "within pins:", ok); exit(0 if ok else 1)'
+if ! python3 -c "$check" && [ -d .whl/fallback ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/fallback/*.whl && echo "using the carried flax and orbax"
+fi
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "
+import sys, jax, jaxlib; print(sys.version.split()[0], 'jax', jax.__version__, jax.devices())"
+  git rev-parse --short HEAD 2>/dev/null || echo "commit ${STROKES_JAX_COMMIT:-unknown} (no git here)"; } 2>&1 | tee "$out/env.txt"
+
+run() {  # run SECONDS NAME ARGS...: one entry point call with its own time cap and log
+  local secs=$1 name=$2; shift 2
+  echo "== $name (cap ${secs}s, $(left)s left)"
+  timeout --signal=INT --kill-after=15 "$secs" python3 launch/no_tensorflow.py "$@" \
+    > "$out/$name.log" 2>&1
+  echo "== $name rc=$? after $(( $(date +%s) - start ))s"
+  grep -v "Warning\|WARNING\|^I0000\|^W0000" "$out/$name.log" | tail -15
+}
+
+run 110 bench_xla bench --config configs/mot_1b.py --workdir "$out/bench"
+run 90 bench_cudnn bench --config configs/mot_1b.py --config.model.attention=cudnn \
+  --workdir "$out/bench"
+run $(( $(left) - 25 )) reproduce reproduce --config configs/shapes_repro.py --workdir /tmp/repro
+# Everything but checkpoints and the generated data, in one file (the copy-back keeps few).
+tar czf "$out/repro.tgz" --exclude=checkpoints --exclude=data -C /tmp repro 2>/dev/null
+cp /tmp/repro/reproduction.md "$out/" 2>/dev/null
+echo "done after $(( $(date +%s) - start ))s"
