@@ -10,7 +10,7 @@ import time
 from clu import metric_writers
 
 from strokes_jax.data import self_critique as sc
-from strokes_jax.evaluate import report, shapes_bench
+from strokes_jax.evaluate import inspection, report, shapes_bench
 from strokes_jax.generate import Generator
 
 
@@ -59,6 +59,13 @@ def self_critique(setup, config, workdir: str) -> dict:
     return stats
 
 
+def _summarize(samples, bench) -> dict:
+    out = shapes_bench.summarize(samples)
+    if samples and samples[0].mode == "process":
+        out["inspection"] = inspection.confusion(samples, bench)
+    return out
+
+
 def run(setup, config, workdir: str, config_name: str, train_summary: dict | None = None,
         timings: dict | None = None, modes=shapes_bench.MODES) -> dict:
     ec = config.eval
@@ -68,14 +75,14 @@ def run(setup, config, workdir: str, config_name: str, train_summary: dict | Non
     for mode in modes:
         s, secs = shapes_bench.run(gen, bench, ec.images_per_prompt, mode, ec.batch_size)
         samples[mode] = s
-        results[mode] = shapes_bench.summarize(s)
+        results[mode] = _summarize(s, bench)
         timings[f"generate_{mode}"] = secs
         logging.info("%s: %s", mode, results[mode]["scores"])
     # Test-time scaling: the same prompts with a tighter cap on iterations (accuracy vs NFE).
     for cap in (ec.get("iteration_caps", ()) if "process" in modes else ()):
         gen.max_iterations = int(cap)
         s, secs = shapes_bench.run(gen, bench, ec.images_per_prompt, "process", ec.batch_size)
-        results[f"process@cap{cap}"] = shapes_bench.summarize(s)
+        results[f"process@cap{cap}"] = _summarize(s, bench)
         timings[f"generate_process_cap{cap}"] = secs
     gen.max_iterations = ec.max_iterations
     # The same evenly spaced (prompt, image) picks in every mode, side by side.

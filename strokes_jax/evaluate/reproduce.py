@@ -20,7 +20,7 @@ import json
 import os
 import time
 
-from strokes_jax.evaluate import curve, job, report, shapes_bench
+from strokes_jax.evaluate import curve, inspection, job, report, shapes_bench
 from strokes_jax.train import checkpoint as ckpt
 from strokes_jax.train import loop
 
@@ -140,6 +140,7 @@ def run(config, config_name: str, workdir: str, rows=RUN_ORDER) -> dict:
                             "nfe_per_image": res["nfe_per_image"],
                             "nfe_per_sample": res["nfe_per_sample"],
                             "evals_per_sample": res.get("evals_per_sample"),
+                            "inspection": res.get("inspection"),
                             "episodes": episodes, "wall_s": time.time() - t0,
                             # > 0: the row resumed from a checkpoint, and wall_s is this
                             # process's share only.
@@ -196,4 +197,9 @@ def table(out: dict) -> str:
             f"{r['episodes']} | {r['wall_s']:.0f}{resumed} |")
     if "self_critique" not in out["rows"]:
         curve_lines = curve_lines[:2]  # no full-method score to compare with yet
-    return "\n".join(lines + curve_lines)
+    insp = [f"- {row}: {inspection.line(r['inspection'])}"
+            for row, r in sorted(out["rows"].items(), key=lambda kv: ROWS.index(kv[0]))
+            if r.get("inspection")]
+    if insp:  # a false alarm redraws a right canvas; a miss keeps a wrong one
+        insp = ["", "Inspection against the exact checker, per process row:"] + insp
+    return "\n".join(lines + curve_lines + insp)

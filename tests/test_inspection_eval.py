@@ -1,0 +1,76 @@
+"""The inspection confusion: each <inspect> verdict of a process sample against the exact
+checker's verdict on the same step (false alarms, misses, exact verdicts)."""
+
+import numpy as np
+
+from strokes_jax.data import trajectories
+from strokes_jax.evaluate import inspection, shapes_bench
+from strokes_jax.generate import Generated
+from strokes_jax.worlds import prompts, shapes
+
+
+def _sample(tag, seed, edit=None):
+    rng = np.random.default_rng(seed)
+    p = prompts.sample_prompt(rng, tag)
+    scene = prompts.sample_scene(rng, p)
+    e = trajectories.make_episode("ref", p, trajectories.additive_steps(scene), "additive")
+    if edit:
+        edit(e, scene)
+    g = Generated(p.text, "process", "", e.images(), 0, e, None, False)
+    return p, shapes_bench.Sample(p.tag, p.text, "process", 0, True, "", 0, 0, len(e.images()),
+                                  True, False, None, g)
+
+
+def _other_color(o):
+    return next(c for c in shapes.COLORS if c != o.color)
+
+
+def test_right_steps_said_ok_count_as_right_calls():
+    p, s = _sample("two_object", 0)
+    c = inspection.confusion([s], [p])
+    n = len(s.result.episode.steps)
+    assert c["counts"] == {"ok_said_ok": n, "exact_checked": n, "exact": n}
+    assert c["false_alarm_rate"] == 0.0 and c["miss_rate"] is None
+    assert c["call_accuracy"] == 1.0 and c["exact_accuracy"] == 1.0
+
+
+def test_false_alarm_miss_and_named_issue():
+    def false_alarm(e, scene):  # a right drawing called wrong
+        e.steps[0].inspect = f"plan ok ; image wrong : missing {_words(scene[0])}"
+
+    def miss(e, scene):  # a wrong colour drawn, called ok
+        e.steps[0].sketch = shapes.render((scene[0].replace(color=_other_color(scene[0])),))
+
+    def named(e, scene):  # a wrong colour drawn, and the checker's own verdict given
+        wrong = scene[0].replace(color=_other_color(scene[0]))
+        e.steps[0].sketch = shapes.render((wrong,))
+        e.steps[0].inspect = (f"plan ok ; image wrong : {_words(wrong)} should be "
+                              f"{scene[0].color}")
+
+    samples = [_sample("color_attr", 3, f) for f in (false_alarm, miss, named)]
+    bench = [p for p, _ in samples]
+    per = [inspection.confusion([s], [p])["counts"] for p, s in samples]
+    assert per[0]["ok_said_wrong"] == 1 and per[0]["exact"] == len(samples[0][1].result.episode.steps) - 1
+    assert per[1]["wrong_said_ok"] == 1 and per[1]["image_wrong"] == 1
+    assert per[2]["wrong_said_wrong"] == 1, per[2]
+    assert per[2]["exact"] == per[2]["exact_checked"], "the checker's wording is exact"
+    c = inspection.confusion([s for _, s in samples], bench)
+    assert c["false_alarm_rate"] > 0 and c["miss_rate"] == 0.5
+    assert "false alarms" in inspection.line(c)
+
+
+def test_unparseable_verdicts_and_single_pass_samples_are_not_scored():
+    def garbled(e, scene):
+        e.steps[0].inspect = "looks fine"
+
+    p, s = _sample("single_object", 4, garbled)
+    _, sp = _sample("single_object", 4)
+    sp.mode = "single_pass"
+    c = inspection.confusion([s, sp], [p])
+    assert c["counts"] == {"unparseable_verdict": 1}
+    assert c["false_alarm_rate"] is None
+
+
+def _words(o):
+    from strokes_jax.worlds import grammar
+    return grammar.obj_words(o)
