@@ -108,6 +108,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # plus single-pass runs of these multiples of the row's steps (each from scratch).
         curve_points=4,
         single_pass_multiples=(),
+        # The rows to run (default all), e.g. --config.reproduce.rows="('self_critique',)";
+        # finished rows in the workdir are resumed, not retrained.
+        rows=("single_pass", "additive", "edits", "symbolic_critique", "self_critique"),
     ))
 
     # `python -m strokes_jax bench`: synthetic batches shaped like shapes episodes.

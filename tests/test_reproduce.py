@@ -79,3 +79,17 @@ def test_every_repro_variant_builds():
         assert set(c.reproduce.mixes) == set(reproduce.ROWS) - {"self_critique"}
         s = loop.setup(c)
         assert s.model.cfg.decoder.width == c.model.width
+
+
+def test_rows_come_from_the_config_in_run_order():
+    c = shapes_repro.get_config("test")
+    assert reproduce.selected_rows(c) == reproduce.RUN_ORDER
+    c.reproduce.rows = ("symbolic_critique", "single_pass")
+    assert reproduce.selected_rows(c) == ("single_pass", "symbolic_critique")
+    c.reproduce.rows = ("additive", "full_method")
+    try:
+        reproduce.selected_rows(c)
+    except ValueError as e:
+        assert "reproduce.rows" in str(e) and "full_method" in str(e)
+    else:
+        raise AssertionError("an unknown row name must fail")

@@ -104,7 +104,17 @@ def _with_curve_checkpoints(c, config):
     return c
 
 
-def run(config, config_name: str, workdir: str, rows=RUN_ORDER) -> dict:
+def selected_rows(config) -> tuple[str, ...]:
+    """reproduce.rows (default: every row), in RUN_ORDER; an unknown name fails by key."""
+    rows = tuple(config.reproduce.get("rows", ()) or RUN_ORDER)
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise ValueError(f"config key reproduce.rows: unknown rows {unknown}; rows are {ROWS}")
+    return tuple(r for r in RUN_ORDER if r in rows)
+
+
+def run(config, config_name: str, workdir: str, rows=None) -> dict:
+    rows = selected_rows(config) if rows is None else rows
     total, frac = config.train.steps, config.reproduce.phase2_fraction
     out = {"config": config_name, "commit": report.git_commit(), "device": report.device_info(),
            "steps_per_row": total, "rows": {}}
