@@ -1,6 +1,6 @@
 """Run `python -m strokes_jax ...` on an accelerator image that has PyTorch but no TensorFlow.
 
-    python launch/no_tensorflow.py reproduce --config configs/shapes_repro.py:gpu --workdir DIR
+    python launch/no_tensorflow.py reproduce --config configs/shapes_repro.py --workdir DIR
 
 CUDA images often ship JAX and PyTorch without TensorFlow, and tensorflow-cpu (260 MB) plus
 its dependencies is too big to carry. Two imports need it:

@@ -72,13 +72,20 @@ def test_multiple_to_match_interpolates():
 
 def test_every_repro_variant_builds():
     """Each variant's config passes the setup checks (model, optimizer, mesh, sharding) and
-    its rows' mixes exist; the GPU variant is only built here, not trained."""
+    its rows' mixes exist; an unknown variant fails by name."""
     from strokes_jax.train import loop
-    for arg in ("quick", "gpu", "test", None):
+    for arg in ("quick", "long", "test", None):
         c = shapes_repro.get_config(arg)
         assert set(c.reproduce.mixes) == set(reproduce.ROWS) - {"self_critique"}
         s = loop.setup(c)
         assert s.model.cfg.decoder.width == c.model.width
+    assert shapes_repro.get_config("long").train.steps == 2000
+    try:
+        shapes_repro.get_config("gpu")
+    except ValueError as e:
+        assert "'gpu'" in str(e)
+    else:
+        raise AssertionError("an unknown variant must fail")
 
 
 def test_rows_come_from_the_config_in_run_order():
