@@ -90,8 +90,9 @@ def _longer_single_pass(config, config_name: str, workdir: str, out: dict) -> No
         cm.train.checkpoint_every = cm.train.steps
         _, _, payload = _train_eval(cm, os.path.join(workdir, f"single_pass_x{m:g}"),
                                     ("single_pass",), f"{config_name}:single_pass_x{m:g}")
+        # Points read back from reproduction.json are lists; tuples sort with tuples only.
         out["single_pass_curve"] = sorted(
-            out.get("single_pass_curve", []) +
+            [tuple(p) for p in out.get("single_pass_curve", [])] +
             [(float(m), payload["results"]["single_pass"]["scores"]["overall"])])
         _write(out, workdir)
 
