@@ -10,7 +10,8 @@ Variants:
 - ':long' is 2000 steps per row. At 1000 steps the rows with critiques have not yet learned
   to draw the planned object: their flow loss drops between steps 700 and 1050, the
   additive-only row's between 400 and 550. At 2000 steps the full method scores 0.983
-  (results/repro/full_method_2000_steps). All five rows take about 3.5 hours on 2 CPU cores;
+  (results/repro/full_method_2000_steps). All five rows: about 3.5 hours on 2 CPU cores,
+  estimated from the 1000-step runs (not yet run whole);
   `--config.reproduce.rows="('single_pass','self_critique')"` runs the claim's two rows only.
 - ':quick' is the demo's budget per row (800 steps), a first look at the ladder.
 - ':test' is for unit tests.
