@@ -13,7 +13,8 @@ Variants:
   (results/repro/full_method_2000_steps). All five rows: about 3.5 hours on 2 CPU cores,
   estimated from the 1000-step runs (not yet run whole);
   `--config.reproduce.rows="('single_pass','self_critique')"` runs the claim's two rows only.
-- ':quick' is the demo's budget per row (800 steps), a first look at the ladder.
+- ':quick' is the demo's budget per row (1000 steps, like the reference) with a smaller
+  evaluation and no 2x single-pass run, a first look at the ladder.
 - ':test' is for unit tests.
 """
 
