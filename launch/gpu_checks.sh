@@ -5,8 +5,16 @@
 # 2. the shapes reproduction (REPRO_CONFIG, default configs/shapes_repro.py, the CPU
 #    reference config) for whatever time is left; it writes its table after every row, so a stopped run still reports the
 #    rows it finished and how long each took on this device.
-# Python packages the image lacks come from wheels in .whl/ (grain, TFDS, clu, ...), and
-# launch/no_tensorflow.py stands in for TensorFlow, which GPU images rarely ship.
+# Python packages the image lacks come from wheels in .whl/ (carry it; .git/info/exclude
+# ignores it), and launch/no_tensorflow.py stands in for TensorFlow. Session 4's set, for the
+# image's Python 3.12, fetched here with `pip download --no-deps --only-binary=:all:
+# --python-version 3.12 --platform manylinux_2_28_x86_64 ... -d .whl` (promise 2.3 is an
+# sdist: `pip wheel --no-deps -w .whl promise==2.3`): array-record 0.8.6, clu 0.0.12,
+# dm-tree 0.1.10, docstring-parser 0.18.0, googleapis-common-protos 1.76.0, grain 0.2.18,
+# immutabledict 4.3.1, ml-collections 1.1.0, portpicker 1.6.0, simple-parsing 0.1.9,
+# tensorflow-datasets 4.9.10, tensorflow-metadata 1.21.0, termcolor 3.3.0, toml 0.10.2; and
+# in .whl/fallback flax 0.12.8 and orbax-checkpoint 0.12.8 (the image's 0.12.10 / 0.12.4
+# were within the pins, so unused).
 set -u
 out=${1:?usage: launch/gpu_checks.sh OUT_DIR [SECONDS]}
 budget=${2:-560}
