@@ -64,6 +64,29 @@ def image_issue(drawn: Sequence[Obj], planned: Sequence[Obj]) -> tuple[Issue, Co
     raise ValueError(f"drawing differs from the plan in {len(extra) + len(missing)} ways")
 
 
+def check_step(planned: Sequence[Obj], drawn: Sequence[Obj], prompt: prompts.Prompt):
+    """The exact checker on one step: (side, verdict, fix, why). side is 'ok', 'plan' (the
+    description contradicts the prompt) or 'image' (the drawing differs from it); verdict and
+    fix are None, and why says so ('multi_error' | 'unfixable'), when no single issue can be
+    named and fixed. Shared by self-sampled critiques and the inspection scoring."""
+    violations, _ = prompts.partial_check(planned, prompt)
+    if violations:
+        if len(violations) > 1:
+            return "plan", None, None, "multi_error"
+        try:
+            issue, fix = critique.violation_fix(violations[0])
+        except tr.TrajectoryError:
+            return "plan", None, None, "unfixable"
+        return "plan", Verdict(plan_issue=issue), fix, None
+    try:
+        found = image_issue(drawn, planned)
+    except ValueError:
+        return "image", None, None, "multi_error"
+    if found is None:
+        return "ok", Verdict(), None, None
+    return "image", Verdict(image_issue=found[0]), found[1], None
+
+
 def critique_trace(gen: Generated, prompt: prompts.Prompt, id: str) -> tuple[ep.Episode | None, str]:
     """One self-sampled critique episode from a generated trace, and what happened."""
     if gen.episode is None:
@@ -82,28 +105,14 @@ def critique_trace(gen: Generated, prompt: prompts.Prompt, id: str) -> tuple[ep.
         drawn = drawn_scene(s.sketch)
         if drawn is None:
             return None, "undetectable"
-        violations, _ = prompts.partial_check(planned, prompt)
-        fix = None
-        if violations:
-            if len(violations) > 1:
-                return None, "multi_error"
-            if set(drawn) != set(planned):  # a wrong plan drawn wrongly: one <refine> cannot fix both
-                return None, "two_errors"
-            try:
-                issue, fix = critique.violation_fix(violations[0])
-            except tr.TrajectoryError:
-                return None, "unfixable"
-            verdict, fixed = Verdict(plan_issue=issue), fix.apply(planned)
-        else:
-            try:
-                found = image_issue(drawn, planned)
-            except ValueError:
-                return None, "multi_error"
-            if found is not None:
-                issue, fix = found
-                verdict, fixed = Verdict(image_issue=issue), planned
-            else:
-                verdict = Verdict()
+        side, verdict, fix, why = check_step(planned, drawn, prompt)
+        if side == "plan" and why == "multi_error":
+            return None, why
+        if side == "plan" and set(drawn) != set(planned):  # one <refine> cannot fix both
+            return None, "two_errors"
+        if why:
+            return None, why
+        fixed = fix.apply(planned) if side == "plan" else planned
         step = ep.Step(sketch=s.sketch, ins=s.ins, des=s.des, inspect=verdict.text(),
                        sketch_target=False)
         if fix is None:

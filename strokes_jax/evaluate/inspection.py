@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 from typing import Sequence
 
-from strokes_jax.data import critique, self_critique as sc, trajectories as tr
+from strokes_jax.data import self_critique as sc
 from strokes_jax.worlds import grammar, prompts
 from strokes_jax.worlds.grammar import Verdict
 
@@ -32,20 +32,8 @@ def expected_verdict(step, prompt: prompts.Prompt) -> tuple[str, Verdict | None]
     drawn = sc.drawn_scene(step.sketch)
     if drawn is None:
         return "undetectable", None
-    violations, _ = prompts.partial_check(planned, prompt)
-    if violations:
-        try:
-            issue, _ = critique.violation_fix(violations[0])
-        except tr.TrajectoryError:
-            return "plan_wrong", None
-        return "plan_wrong", (Verdict(plan_issue=issue) if len(violations) == 1 else None)
-    try:
-        found = sc.image_issue(drawn, planned)
-    except ValueError:
-        return "image_wrong", None  # several differences: no single issue to name
-    if found is None:
-        return "ok", Verdict()
-    return "image_wrong", Verdict(image_issue=found[0])
+    side, verdict, _, _ = sc.check_step(planned, drawn, prompt)
+    return ("ok" if side == "ok" else f"{side}_wrong"), verdict
 
 
 def confusion(samples: Sequence, bench: Sequence[prompts.Prompt]) -> dict:
