@@ -1,11 +1,15 @@
 """The inspection confusion: each <inspect> verdict of a process sample against the exact
-checker's verdict on the same step (false alarms, misses, exact verdicts)."""
+checker's verdict on the same step (false alarms, misses, exact verdicts); and the
+teacher-forced probe on exactly rendered errors of every critique kind."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from strokes_jax.data import trajectories
-from strokes_jax.evaluate import inspection, shapes_bench
+from strokes_jax.data import critique, trajectories
+from strokes_jax.evaluate import inspection, inspection_probe as ip, shapes_bench
 from strokes_jax.generate import Generated
+from strokes_jax.tokenizer import EpisodeTokenizer, Tokenizer
 from strokes_jax.worlds import prompts, shapes
 
 
@@ -74,3 +78,56 @@ def test_unparseable_verdicts_and_single_pass_samples_are_not_scored():
 def _words(o):
     from strokes_jax.worlds import grammar
     return grammar.obj_words(o)
+
+
+# -- the teacher-forced probe ------------------------------------------------------------------
+class _Oracle:
+    """Predicts the true next token everywhere, optionally with 'ok' and 'wrong' swapped."""
+
+    def __init__(self, vocab, swap=None):
+        self.vocab, self.swap = vocab, swap
+
+    def apply(self, variables, tokens, *rest, **kw):
+        nxt = jnp.roll(tokens, -1, axis=1)
+        if self.swap:
+            a, b = self.swap
+            nxt = jnp.where(nxt == a, b, jnp.where(nxt == b, a, nxt))
+        return jax.nn.one_hot(nxt, self.vocab) * 10.0, None
+
+
+_ETOK = EpisodeTokenizer(Tokenizer.shapes(), (shapes.GRID * shapes.CELL, shapes.GRID * shapes.CELL, 3), 6)
+_ITEMS = ip.probe_episodes(5, 2)
+
+
+def test_probe_items_cover_every_kind_and_decision_tokens_follow_the_truth():
+    kinds = {k for _, k in _ITEMS}
+    assert kinds == set(critique.KINDS) | {ip.POSITIVE}
+    word = lambda w: _ETOK.tok.encode(w)[0]  # noqa: E731
+    for e, kind in _ITEMS:
+        a = _ETOK(e)
+        for d in ip.decision_points(_ETOK, a, e):
+            for side in ("plan", "image"):
+                assert a["tokens"][d[f"{side}_at"]] == word(side)
+                want = word("wrong") if d[f"{side}_wrong"] else word("ok")
+                assert a["tokens"][d[f"{side}_at"] + 1] == want
+        errs = [d for d in ip.decision_points(_ETOK, a, e) if d["plan_wrong"] or d["image_wrong"]]
+        assert len(errs) == (0 if kind == ip.POSITIVE else 1)
+        if errs:
+            assert errs[0]["image_wrong" if kind.startswith("image") else "plan_wrong"]
+
+
+def test_probe_scores_an_oracle_a_yes_man_and_a_contrarian():
+    v = _ETOK.tok.vocab_size
+    ok, wrong = _ETOK.tok.encode("ok")[0], _ETOK.tok.encode("wrong")[0]
+    oracle = ip.probe(_Oracle(v), {}, _ETOK, _ITEMS, seq_len=640, batch_size=8)
+    s = oracle["summary"]
+    assert s["image_errors_caught"] == s["plan_errors_caught"] == 1.0
+    assert s["false_alarm_image"] == s["false_alarm_plan"] == 0.0
+    assert all(r["verdict_exact"] == 1.0 for k, r in oracle.items() if k != "summary")
+    contrarian = ip.probe(_Oracle(v, (ok, wrong)), {}, _ETOK, _ITEMS, seq_len=640, batch_size=8)
+    s = contrarian["summary"]
+    assert s["image_errors_caught"] == s["plan_errors_caught"] == 0.0
+    assert s["false_alarm_image"] == s["false_alarm_plan"] == 1.0
+    assert contrarian[ip.POSITIVE]["verdict_exact"] == 0.0
+    short = ip.probe(_Oracle(v), {}, _ETOK, _ITEMS, seq_len=400, batch_size=8)["summary"]
+    assert short["too_long"] > 0 and short["episodes"] + short["too_long"] == len(_ITEMS)

@@ -22,6 +22,10 @@ def test_reproduce_writes_the_ablation_table(tmp_path):
         assert r["train_steps"] == 4
         assert 0.0 <= r["scores"]["overall"] <= 1.0 and r["nfe_per_image"] >= 0
     assert out["rows"]["single_pass"]["nfe_per_image"] == c.flow["sample_steps"]  # always draws
+    # Process rows also carry the teacher-forced inspection probe, named in the table's tail.
+    assert out["rows"]["single_pass"]["inspection_probe"] is None
+    probe = out["rows"]["self_critique"]["inspection_probe"]
+    assert probe["summary"]["episodes"] > 0 and probe["positive"]["steps"] > 0
     # Phase 1 + phase 2 of the full method add up to the other rows' steps.
     p1 = max(int(d) for d in os.listdir(tmp_path / "self_critique_phase1" / "checkpoints")
              if d.isdigit())
@@ -40,6 +44,7 @@ def test_reproduce_writes_the_ablation_table(tmp_path):
     table = open(tmp_path / "reproduction.md").read()
     at = [table.index(f"| {row} |") for row in reproduce.ROWS]
     assert at == sorted(at)  # printed in ladder order
+    assert "teacher-forced probe: image errors caught" in table
     assert all(r["start_step"] == 0 for r in out["rows"].values()) and "resumed" not in table
     # A row that resumed from a checkpoint says so next to its (partial) wall time.
     out["rows"]["additive"]["start_step"] = 3

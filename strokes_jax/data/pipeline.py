@@ -325,6 +325,16 @@ def empty_row(seq_len: int, pad_id: int, patch_dim: int,
     return _Row().finish(seq_len, pad_id, patch_dim, vit_patch_dim)
 
 
+def single_row(part: dict[str, np.ndarray], seq_len: int, pad_id: int, patch_dim: int,
+               vit_patch_dim: int | None = None, record: str = "?") -> dict[str, np.ndarray]:
+    """One tokenized episode alone in a padded row (probes that read per-episode logits)."""
+    if len(part["tokens"]) > seq_len:
+        raise ValueError(f"{record}: {len(part['tokens'])} tokens do not fit data.seq_len={seq_len}")
+    row = _Row()
+    row.parts, row.length = [part], len(part["tokens"])
+    return row.finish(seq_len, pad_id, patch_dim, vit_patch_dim)
+
+
 # -- construction --------------------------------------------------------------------------
 def _per_process(global_batch_size: int, process_count: int) -> int:
     if global_batch_size % process_count:

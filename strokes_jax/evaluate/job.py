@@ -10,7 +10,7 @@ import time
 from clu import metric_writers
 
 from strokes_jax.data import self_critique as sc
-from strokes_jax.evaluate import inspection, report, shapes_bench
+from strokes_jax.evaluate import inspection, inspection_probe, report, shapes_bench
 from strokes_jax.generate import Generator
 
 
@@ -85,6 +85,12 @@ def run(setup, config, workdir: str, config_name: str, train_summary: dict | Non
         results[f"process@cap{cap}"] = _summarize(s, bench)
         timings[f"generate_process_cap{cap}"] = secs
     gen.max_iterations = ec.max_iterations
+    if "process" in modes:  # inspection on exactly rendered errors, not only the model's own
+        t0 = time.time()
+        items = inspection_probe.probe_episodes(ec.seed, ec.prompts_per_tag)
+        results["process"]["inspection_probe"] = inspection_probe.probe(
+            setup.model, setup.state.eval_params(), setup.etok, items, config.data.seq_len)
+        timings["inspection_probe"] = time.time() - t0
     # The same evenly spaced (prompt, image) picks in every mode, side by side.
     first = samples[modes[0]]
     picks = first[::max(1, len(first) // max(ec.filmstrips, 1))][:ec.filmstrips]

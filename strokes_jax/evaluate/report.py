@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from strokes_jax.evaluate import inspection
+from strokes_jax.evaluate import inspection, inspection_probe
 from strokes_jax.worlds import shapes
 
 SCALE = 4
@@ -118,6 +118,8 @@ def write(workdir: str, payload: dict, strips: Sequence[tuple[str, str, str, Seq
           f"{payload['bench']['flow_steps']}; iteration cap {payload['bench']['max_iterations']}.", "",
           *[f"Inspection, {m}: {inspection.line(r['inspection'])}.\n"
             for m, r in payload["results"].items() if r.get("inspection")],
+          *[f"Inspection, {m}, {inspection_probe.line(r['inspection_probe'])}.\n"
+            for m, r in payload["results"].items() if r.get("inspection_probe")],
           f"Training: {tr.get('params', '?')} parameters, steps {tr.get('start_step', 0)} -> "
           f"{tr.get('end_step', '?')} in {tr.get('train_seconds', 0):.0f}s; "
           f"loss by step: {', '.join(f'{s}:{l:.3f}' for s, l in tr.get('losses', [])[::max(1, len(tr.get('losses', [])) // 8)])}.",

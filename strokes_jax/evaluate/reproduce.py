@@ -20,7 +20,7 @@ import json
 import os
 import time
 
-from strokes_jax.evaluate import curve, inspection, job, report, shapes_bench
+from strokes_jax.evaluate import curve, inspection, inspection_probe, job, report, shapes_bench
 from strokes_jax.train import checkpoint as ckpt
 from strokes_jax.train import loop
 
@@ -152,6 +152,7 @@ def run(config, config_name: str, workdir: str, rows=None) -> dict:
                             "nfe_per_sample": res["nfe_per_sample"],
                             "evals_per_sample": res.get("evals_per_sample"),
                             "inspection": res.get("inspection"),
+                            "inspection_probe": res.get("inspection_probe"),
                             "episodes": episodes, "wall_s": time.time() - t0,
                             # > 0: the row resumed from a checkpoint, and wall_s is this
                             # process's share only.
@@ -209,6 +210,8 @@ def table(out: dict) -> str:
     if "self_critique" not in out["rows"]:
         curve_lines = curve_lines[:2]  # no full-method score to compare with yet
     insp = [f"- {row}: {inspection.line(r['inspection'])}"
+            + (f"; {inspection_probe.line(r['inspection_probe'])}"
+               if r.get("inspection_probe") else "")
             for row, r in sorted(out["rows"].items(), key=lambda kv: ROWS.index(kv[0]))
             if r.get("inspection")]
     if insp:  # a false alarm redraws a right canvas; a miss keeps a wrong one
