@@ -5,6 +5,8 @@ number of steps, the full-method row goes through phase 1, self-sampled critique
 import json
 import os
 
+import pytest
+
 from configs import shapes_repro
 from strokes_jax.evaluate import reproduce
 
@@ -85,12 +87,8 @@ def test_every_repro_variant_builds():
         s = loop.setup(c)
         assert s.model.cfg.decoder.width == c.model.width
     assert shapes_repro.get_config("long").train.steps == 2000
-    try:
+    with pytest.raises(ValueError, match="'gpu'"):
         shapes_repro.get_config("gpu")
-    except ValueError as e:
-        assert "'gpu'" in str(e)
-    else:
-        raise AssertionError("an unknown variant must fail")
 
 
 def test_rows_come_from_the_config_in_run_order():
@@ -99,9 +97,5 @@ def test_rows_come_from_the_config_in_run_order():
     c.reproduce.rows = ("symbolic_critique", "single_pass")
     assert reproduce.selected_rows(c) == ("single_pass", "symbolic_critique")
     c.reproduce.rows = ("additive", "full_method")
-    try:
+    with pytest.raises(ValueError, match=r"reproduce\.rows.*full_method"):
         reproduce.selected_rows(c)
-    except ValueError as e:
-        assert "reproduce.rows" in str(e) and "full_method" in str(e)
-    else:
-        raise AssertionError("an unknown row name must fail")
