@@ -28,7 +28,7 @@ import numpy as np
 from strokes_jax import episode as ep
 from strokes_jax.data import critique, pipeline, self_critique, trajectories as tr
 from strokes_jax.evaluate import inspection, shapes_bench
-from strokes_jax.train.step import to_latents, to_vit_pixels
+from strokes_jax.train.step import batch_keys, to_latents, vit_inputs
 from strokes_jax.worlds import grammar, prompts, shapes
 
 POSITIVE = "positive"
@@ -96,7 +96,7 @@ def decision_points(etok, arrays: dict, episode: ep.Episode) -> list[dict]:
     word = lambda w: etok.tok.encode(w)[0]  # noqa: E731
     plan_id, image_id = word("plan"), word("image")
     tokens, stages = arrays["tokens"], arrays["stages"]
-    inspect_open = etok.tok.ids["<inspect>"]
+    inspect_open, inspect_close = etok.tok.ids["<inspect>"], etok.tok.ids["</inspect>"]
     starts = [i for i, t in enumerate(tokens) if t == inspect_open]
     inspected = [s for s in episode.steps if s.inspect is not None]
     if len(starts) != len(inspected):
@@ -105,8 +105,7 @@ def decision_points(etok, arrays: dict, episode: ep.Episode) -> list[dict]:
     out = []
     for start, step in zip(starts, inspected):
         end = start + 1
-        while end < len(tokens) and stages[end] == ep.INSPECT and tokens[end] != \
-                etok.tok.ids["</inspect>"]:
+        while end < len(tokens) and stages[end] == ep.INSPECT and tokens[end] != inspect_close:
             end += 1
         span = range(start + 1, end)
         v = grammar.parse_verdict(step.inspect)
@@ -118,26 +117,25 @@ def decision_points(etok, arrays: dict, episode: ep.Episode) -> list[dict]:
     return out
 
 
-def _forward(model):
+def _forward(model, ok_id: int, wrong_id: int):
     @jax.jit
     def f(params, batch):
-        x0 = to_latents(batch["patches"])
-        vit = {}
-        if "vit_patches" in batch:
-            vit = dict(vit_patches=to_vit_pixels(batch["vit_patches"]), vit_pos=batch["vit_pos"])
         # Noisy copies are invisible to every text token (attention.py), so their content and
         # t do not change the logits read here; the clean copies carry the images.
         logits, _ = model.apply({"params": params}, batch["tokens"], batch["types"],
                                 batch["positions"], batch["segment_ids"], batch["blocks"],
-                                batch["patch_pos"], x0, jnp.zeros(batch["tokens"].shape), **vit)
-        return jnp.argmax(logits, -1), logits
+                                batch["patch_pos"], to_latents(batch["patches"]),
+                                jnp.zeros(batch["tokens"].shape), **vit_inputs(batch))
+        # P(wrong) between the verdict grammar's two words, at every position.
+        p_wrong = jax.nn.softmax(logits[..., jnp.array([ok_id, wrong_id])], axis=-1)[..., 1]
+        return jnp.argmax(logits, -1), p_wrong
     return f
 
 
 def probe(model, params, etok, items, seq_len: int, batch_size: int = 16) -> dict:
     """Run the probe on `items` from probe_episodes; returns rates per kind and the counts."""
     ok_id, wrong_id = etok.tok.encode("ok")[0], etok.tok.encode("wrong")[0]
-    fwd = _forward(model)
+    fwd = _forward(model, ok_id, wrong_id)
     rows, meta, too_long = [], [], 0
     for e, kind in items:
         a = etok(e)
@@ -152,8 +150,8 @@ def probe(model, params, etok, items, seq_len: int, batch_size: int = 16) -> dic
     for i in range(0, len(rows), batch_size):
         chunk = rows[i:i + batch_size]
         chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
-        batch = {k: np.stack([r[k] for r in chunk]) for k in chunk[0] if k in _KEYS}
-        pred, logits = jax.device_get(fwd(params, batch))
+        batch = {k: np.stack([r[k] for r in chunk]) for k in batch_keys(chunk[0])}
+        pred, p_wrong_at = jax.device_get(fwd(params, batch))
         for j, (e, kind, points, tokens) in enumerate(meta[i:i + batch_size]):
             for d in points:
                 err = [s for s in ("plan", "image") if d[f"{s}_wrong"]]
@@ -165,16 +163,12 @@ def probe(model, params, etok, items, seq_len: int, batch_size: int = 16) -> dic
                 n[(key, "exact")] += exact
                 for s in ("plan", "image"):
                     n[(key, f"{s}_said_wrong")] += said[s]
-                    lg = logits[j, d[f"{s}_at"]]
-                    p_wrong[(key, s)].append(float(jax.nn.softmax(lg[[ok_id, wrong_id]])[1]))
+                    p_wrong[(key, s)].append(float(p_wrong_at[j, d[f"{s}_at"]]))
                 if err:
                     n[(key, "caught")] += all(said[s] for s in err)
     out = _rates(n, p_wrong)
     out["summary"]["episodes"], out["summary"]["too_long"] = len(rows), too_long
     return out
-
-
-_KEYS = pipeline.ROW_FIELDS + ("vit_patches", "vit_pos")
 
 
 def _rates(n, p_wrong) -> dict:

@@ -64,14 +64,18 @@ def noised_inputs(batch, rng, shift: float):
     return xt, t, flow.velocity_target(x0, noise)
 
 
+def vit_inputs(batch) -> dict:
+    """The model's ViT keyword arguments for a packed batch ({} when it has no ViT copies)."""
+    if "vit_patches" not in batch:
+        return {}
+    return dict(vit_patches=to_vit_pixels(batch["vit_patches"]), vit_pos=batch["vit_pos"])
+
+
 def _per_token(params, batch, noised, model):
     xt, t, v_target = noised
-    vit = {}
-    if "vit_patches" in batch:
-        vit = dict(vit_patches=to_vit_pixels(batch["vit_patches"]), vit_pos=batch["vit_pos"])
     logits, v = model.apply({"params": params}, batch["tokens"], batch["types"],
                             batch["positions"], batch["segment_ids"], batch["blocks"],
-                            batch["patch_pos"], xt, t, **vit)
+                            batch["patch_pos"], xt, t, **vit_inputs(batch))
     ce, correct = losses.text_ce(logits, batch["targets"])
     valid = batch["segment_ids"] > 0
     return dict(ce=ce, ce_correct=correct, ce_mask=valid & (batch["targets"] > 0),
