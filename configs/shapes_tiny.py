@@ -75,6 +75,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         accum_steps=1,  # gradient accumulation: micro-batches per step
         init_from="",  # a workdir whose newest params start this run (phase 2)
         shard_tolerance=0.25,  # fail if a device holds > (1 + tol) x its share of params
+        # (gen, und) capacity fractions of each batch's tokens for sparse MoT routing in the
+        # training step (model/routing.py; single-device only), () for dense routing.
+        sparse_routing=(),
     ))
 
     c.mesh = dict(shape=(-1, 1, 1))

@@ -11,7 +11,7 @@ import pytest
 
 from configs import shapes_tiny
 from strokes_jax.data import pipeline
-from strokes_jax.model import mot
+from strokes_jax.model import mot, routing
 from strokes_jax.model.unified import ModelConfig, UnifiedModel
 from strokes_jax.train import flops as fl
 from strokes_jax.train import loop, sharding as shd, state as st, step as sp
@@ -204,3 +204,56 @@ def test_bench_writes_json(tmp_path):
         assert k in rec, k
     assert rec["step_time_s"] > 0 and rec["tokens_per_s"] > 0 and np.isfinite(rec["final_loss"])
     assert rec["mfu"] is None  # CPU: no peak in the table, so no invented MFU
+
+
+def _valid(batch):
+    return np.asarray(batch["segment_ids"]) > 0
+
+
+def _fill(batch):
+    """(gen, und) fractions of the batch's tokens."""
+    types, valid = np.asarray(batch["types"]), _valid(batch)
+    gen = (types == 1) | (types == 2)
+    n = types.size
+    return (gen & valid).sum() / n, (~gen & valid).sum() / n
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_sparse_routing_matches_dense(batch, base, scan):
+    c, m, params, (logits, vel) = base
+    gen, und = _fill(batch)
+    assert gen > 0.1 and und > 0.1  # both experts have work, so a swap would show
+    fractions = (min(1.0, gen + 0.05), min(1.0, und + 0.05))
+    assert routing.counts_fit(np.isin(np.asarray(batch["types"]), (1, 2)), _valid(batch), fractions)
+    dense = _model(_cfg(scan_layers=scan))
+    p = dict(params, decoder=mot.stack_layers(params["decoder"], c.model.depth)) if scan else params
+    model = routing.sparse(dense, fractions)
+    lo, ve = jax.jit(model.apply)({"params": p}, *_inputs(batch))
+    valid = _valid(batch)  # padding may come out different: it is in neither expert's window
+    np.testing.assert_allclose(np.asarray(lo)[valid], np.asarray(logits)[valid], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ve)[valid], np.asarray(vel)[valid], atol=2e-5, rtol=1e-5)
+    lc = sp.LossConfig.from_config(c)
+
+    def grads(mdl):
+        f = lambda q: sp.loss_fn(q, batch, jax.random.PRNGKey(2), model=mdl, lc=lc)[0]
+        return jax.jit(jax.grad(f))(p)
+
+    for a, b in zip(jax.tree_util.tree_leaves(grads(dense)), jax.tree_util.tree_leaves(grads(model))):
+        np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-4)
+
+
+def test_sparse_routing_falls_back_to_dense_when_counts_do_not_fit(batch, base):
+    c, m, params, _ = base
+    gen, und = _fill(batch)
+    lc = sp.LossConfig.from_config(c)
+    loss = lambda mdl: jax.jit(lambda q: sp.loss_fn(q, batch, jax.random.PRNGKey(2), model=mdl,
+                                                    lc=lc)[0])(params)
+    small = (gen / 2, und / 2)
+    assert not routing.counts_fit(np.isin(np.asarray(batch["types"]), (1, 2)), _valid(batch), small)
+    np.testing.assert_allclose(loss(routing.sparse(m, small)), loss(m), rtol=1e-6)
+    # Without the training step's fallback, a batch that does not fit gives other numbers.
+    lo, _ = jax.jit(routing.sparse(m, small).apply)({"params": params}, *_inputs(batch))
+    assert not np.allclose(np.asarray(lo)[_valid(batch)], np.asarray(base[3][0])[_valid(batch)],
+                           atol=1e-3)
+    with pytest.raises(ValueError, match="train.sparse_routing"):
+        routing.sparse(m, (0.5, 1.5))

@@ -4,14 +4,15 @@
 # default additive) on real packed batches, after compiling. ONE_EXPERT=1 runs every token
 # through the understanding expert only (what sparse MoT routing would save); NO_ATT=1
 # replaces attention by the identity on q (what attention costs). Both change the model, so
-# they are for timing only.
+# they are for timing only. SPARSE=gen,und times sparse MoT routing (model/routing.py) with
+# those capacity fractions, which keeps the numbers (tests/test_scale_features.py).
 import os, sys, time
 sys.path.insert(0, ".")
 from absl import flags; flags.FLAGS(["x"])
 import jax
 import flax.linen as nn
 from configs import shapes_repro
-from strokes_jax.model import attention, mot
+from strokes_jax.model import attention, mot, routing
 from strokes_jax.train import loop, sharding as shd, step as sp
 
 mixname = sys.argv[1] if len(sys.argv) > 1 else "additive"
@@ -29,7 +30,8 @@ it = loop.train_iterator(c, s.etok, train_src, skips=None)
 t0 = time.time()
 host = [next(it) for _ in range(11)]
 print(f"input: {(time.time() - t0) / 11:.3f} s/batch")
-train_step, _ = sp.jit_steps(s.model, s.tx, sp.LossConfig.from_config(c), s.mesh, s.shardings)
+fractions = tuple(float(f) for f in os.environ.get("SPARSE", "").split(",") if f)
+train_step, _ = sp.jit_steps(routing.sparse(s.model, fractions), s.tx, sp.LossConfig.from_config(c), s.mesh, s.shardings)
 with jax.set_mesh(s.mesh), nn.logical_axis_rules(shd.rules_tuple(c.rules)):
     batches = [loop._batch(b, s.mesh) for b in host]
     state, m = train_step(s.state, batches[0])  # compile

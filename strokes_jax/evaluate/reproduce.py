@@ -34,6 +34,10 @@ def row_config(config, row: str):
     c = copy.deepcopy(config)
     mixes = dict(config.reproduce.mixes)
     c.data.mix = dict(mixes["symbolic_critique" if row == "self_critique" else row])
+    # Sparse MoT routing capacities depend on the row's mix (its share of image tokens).
+    per_row = dict(config.reproduce.get("sparse_routing", {}))
+    if row in per_row:
+        c.train.sparse_routing = tuple(per_row[row])
     if row != "self_critique":  # test-time scaling (accuracy vs iteration cap): full method
         c.eval.iteration_caps = ()
     return c

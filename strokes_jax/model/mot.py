@@ -1,9 +1,10 @@
 """Mixture-of-Transformers decoder (BAGEL): two experts with their own copy of every block
 weight, hard-routed by token type, sharing one joint attention.
 
-Routing here computes both experts on every token and selects per token. That costs twice
+Dense routing computes both experts on every token and selects per token. That costs twice
 the dense FLOPs of the block projections; it is simple, static-shaped and shards trivially.
-A gather/scatter router is the faster alternative at scale (see issue 3).
+With cfg.sparse_routing the projections run each expert on its own tokens only (routing.py,
+single-device); norms stay dense, they are cheap.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from strokes_jax.model import attention
+from strokes_jax.model import attention, routing
 from strokes_jax.model.layers import DenseGeneral, RMSNorm, rope
 
 
@@ -39,6 +40,10 @@ class DecoderConfig:
     # BAGEL only adds t to the input. It lowered a v-head's flow MSE (0.219 -> 0.176 at 300
     # steps, README) but not an x-head's (0.067 -> 0.066), so the shapes configs leave it off.
     time_adaln: bool = False
+    # (gen, und) capacity fractions for sparse routing in full-sequence mode, () for dense.
+    # Set by the training step (routing.sparse), which falls back to dense where a batch
+    # does not fit; a model built with it and applied directly has no such fallback.
+    sparse_routing: tuple = ()
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -75,6 +80,11 @@ def _modulated(norm, x, is_gen, mod):
     return _routed(make, x, is_gen)
 
 
+def _project(make, x, is_gen, route):
+    """_routed for the projections: sparse where a Route is given."""
+    return _routed(make, x, is_gen) if route is None else routing.apply(make, x, route)
+
+
 def _routed(make, x, is_gen):
     """Apply the understanding and generation copies of a sub-module and select per token."""
     und, gen = make("und")(x), make("gen")(x)
@@ -86,11 +96,12 @@ class MoTBlock(nn.Module):
     cfg: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, is_gen, positions, mask, kv=None, temb=None):
+    def __call__(self, x, is_gen, positions, mask, kv=None, temb=None, route=None):
         """kv: None (training / full sequence), or the cached (k, v) [B, C, KV, D] of earlier
         tokens for decode mode; then `mask` is [B, L, C + L] and this also returns the new
         tokens' (k, v) so the caller decides which of them to keep. temb: the timestep
-        embedding [B, L, width], used when cfg.time_adaln."""
+        embedding [B, L, width], used when cfg.time_adaln. route: a routing.Route for sparse
+        routing of the projections (full-sequence mode only)."""
         c, dt = self.cfg, self.cfg.jdtype
         norm = lambda name: (lambda tag: RMSNorm(c.norm_eps, "embed", dt, name=f"{name}_{tag}"))
         mods = [None, None]
@@ -108,9 +119,9 @@ class MoTBlock(nn.Module):
                                             use_bias=bias, dtype=dt, name=f"{name}_{tag}")
 
         h = _modulated(norm("input_norm"), x, is_gen, mods[0])
-        q = _routed(proj("q", c.heads, c.qkv_bias), h, is_gen)
-        k = _routed(proj("k", c.kv_heads, c.qkv_bias), h, is_gen)
-        v = _routed(proj("v", c.kv_heads, c.qkv_bias), h, is_gen)
+        q = _project(proj("q", c.heads, c.qkv_bias), h, is_gen, route)
+        k = _project(proj("k", c.kv_heads, c.qkv_bias), h, is_gen, route)
+        v = _project(proj("v", c.kv_heads, c.qkv_bias), h, is_gen, route)
         if c.qk_norm:  # QK-norm over the head dim, before RoPE
             q = _routed(lambda tag: RMSNorm(c.norm_eps, "head_dim", dt, name=f"q_norm_{tag}"), q, is_gen)
             k = _routed(lambda tag: RMSNorm(c.norm_eps, "head_dim", dt, name=f"k_norm_{tag}"), k, is_gen)
@@ -122,8 +133,8 @@ class MoTBlock(nn.Module):
                                  jnp.concatenate([kv[1].astype(v.dtype), v], axis=1), mask,
                                  c.attention)
         a = a.reshape(a.shape[:2] + (c.heads * c.head_dim,))
-        o = _routed(lambda tag: DenseGeneral((c.width,), ("qkv", "embed"), dtype=dt,
-                                             name=f"o_{tag}"), a, is_gen)
+        o = _project(lambda tag: DenseGeneral((c.width,), ("qkv", "embed"), dtype=dt,
+                                              name=f"o_{tag}"), a, is_gen, route)
         x = x + o * (1.0 + gates[0])
         h = _modulated(norm("post_norm"), x, is_gen, mods[1])
 
@@ -135,7 +146,7 @@ class MoTBlock(nn.Module):
                                     name=f"down_{tag}")(nn.silu(g) * u)
             return f
 
-        x = x + _routed(mlp, h, is_gen) * (1.0 + gates[1])
+        x = x + _project(mlp, h, is_gen, route) * (1.0 + gates[1])
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return x if kv is None else (x, (k, v))
 
@@ -146,9 +157,9 @@ class _ScannedBlock(nn.Module):
     cfg: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, is_gen, positions, mask, temb):
+    def __call__(self, x, is_gen, positions, mask, temb, route):
         block = _maybe_remat(MoTBlock, self.cfg, scanned=True)
-        return block(self.cfg, name="block")(x, is_gen, positions, mask, None, temb), None
+        return block(self.cfg, name="block")(x, is_gen, positions, mask, None, temb, route), None
 
 
 class _ScannedDecodeBlock(nn.Module):
@@ -173,22 +184,27 @@ class MoTDecoder(nn.Module):
     cfg: DecoderConfig
 
     @nn.compact
-    def __call__(self, x, is_gen, positions, mask, kv=None, temb=None):
+    def __call__(self, x, is_gen, positions, mask, kv=None, temb=None, valid=None):
         """kv: None, or the decode-mode cache (k, v), each [depth, B, C, KV, D]; then also
         returns the new tokens' (k, v), each [depth, B, L, KV, D]. temb: timestep embedding
-        [B, L, width] for cfg.time_adaln."""
+        [B, L, width] for cfg.time_adaln. valid: bool [B, L], False for padding (used by
+        sparse routing; None means every token is real)."""
         c = self.cfg
         if kv is not None:
             return self._decode(x, is_gen, positions, mask, kv, temb)
+        route = None
+        if c.sparse_routing:
+            valid = jnp.ones_like(is_gen) if valid is None else valid
+            route = routing.plan(is_gen, valid, c.sparse_routing)
         if c.scan_layers:
             stack = nn.scan(_ScannedBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(nn.broadcast,) * 4, length=c.depth,
+                            in_axes=(nn.broadcast,) * 5, length=c.depth,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(c, name="layers")(x, is_gen, positions, mask, temb)
+            x, _ = stack(c, name="layers")(x, is_gen, positions, mask, temb, route)
         else:
             block = _maybe_remat(MoTBlock, c, scanned=False)
             for i in range(c.depth):
-                x = block(c, name=f"layer_{i}")(x, is_gen, positions, mask, None, temb)
+                x = block(c, name=f"layer_{i}")(x, is_gen, positions, mask, None, temb, route)
         return self._final_norm(x, is_gen)
 
     def _final_norm(self, x, is_gen):

@@ -157,7 +157,7 @@ class UnifiedModel(nn.Module):
         decoder = MoTDecoder(d, name="decoder")
         if cache is None:
             mask = attention.generalized_causal_mask(segment_ids, blocks, types)
-            h = decoder(x, is_gen, positions, mask, temb=temb)
+            h = decoder(x, is_gen, positions, mask, temb=temb, valid=segment_ids > 0)
         else:
             mask = attention.decode_mask(segment_ids > 0, blocks, types, cache["lengths"],
                                          cache["k"].shape[2])

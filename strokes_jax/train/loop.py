@@ -21,6 +21,8 @@ from clu import metric_writers, periodic_actions
 
 from strokes_jax import tokenizer as tk
 from strokes_jax.data import pipeline, tfds_shapes
+from strokes_jax.model import routing
+from strokes_jax.tokenizer import CLEAN, NOISY
 from strokes_jax.model.unified import ModelConfig, UnifiedModel
 from strokes_jax.train import checkpoint as ckpt
 from strokes_jax.train import flops as fl
@@ -218,7 +220,9 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
     train_src = with_extra_sources(config, train_src)
     s = setup(config, devices)
     lc = sp.LossConfig.from_config(config)
-    train_step, eval_step = sp.jit_steps(s.model, s.tx, lc, s.mesh, s.shardings,
+    fractions = tuple(config.train.get("sparse_routing", ()))
+    train_step, eval_step = sp.jit_steps(routing.sparse(s.model, fractions), s.tx, lc, s.mesh,
+                                         s.shardings,
                                          accum_steps=config.train.accum_steps,
                                          ema_decay=config.optim.ema_decay)
     tc = config.train
@@ -241,12 +245,17 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
     peak = fl.peak_tflops(jax.devices()[0].device_kind)
     history, losses, t0 = [], [], time.time()
     summary = {"params": st.param_count(s.state.params), "start_step": start}
-    step, t_window = start, time.time()
+    step, t_window, dense_steps = start, time.time(), 0
     # The mesh and rules make the model's logical activation constraints concrete.
     with _Preemption(jax.process_count() == 1) as pre, jax.set_mesh(s.mesh), \
             nn.logical_axis_rules(shd.rules_tuple(config.rules)):
         while step < tc.steps:
-            batch = _batch(next(it), s.mesh)
+            host = next(it)
+            if fractions:  # the step ran dense routing (the counts did not fit)
+                types = host["types"]
+                dense_steps += not routing.counts_fit((types == NOISY) | (types == CLEAN),
+                                                      host["segment_ids"] > 0, fractions)
+            batch = _batch(host, s.mesh)
             s.state, metrics = train_step(s.state, batch)
             step += 1
             report(step)
@@ -287,6 +296,8 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
     summary.update(end_step=step, train_seconds=time.time() - t0,
                    losses=losses, skipped=skips.get_state(),
                    preempted=step < tc.steps)
+    if fractions:
+        summary["sparse_routing"] = dict(capacity=list(fractions), dense_steps=dense_steps)
     return s, summary
 
 

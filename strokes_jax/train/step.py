@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from strokes_jax import flow, losses
+from strokes_jax.model import routing
 from strokes_jax.model.unified import UnifiedModel
 from strokes_jax.tokenizer import NOISY, CLEAN
 from strokes_jax.train import sharding as shd
@@ -73,9 +74,19 @@ def vit_inputs(batch) -> dict:
 
 def _per_token(params, batch, noised, model):
     xt, t, v_target = noised
-    logits, v = model.apply({"params": params}, batch["tokens"], batch["types"],
-                            batch["positions"], batch["segment_ids"], batch["blocks"],
-                            batch["patch_pos"], xt, t, **vit_inputs(batch))
+
+    def forward(m):
+        return m.apply({"params": params}, batch["tokens"], batch["types"], batch["positions"],
+                       batch["segment_ids"], batch["blocks"], batch["patch_pos"], xt, t,
+                       **vit_inputs(batch))
+    fractions = model.cfg.decoder.sparse_routing
+    if fractions:  # sparse routing where this batch's token counts fit, else dense
+        is_gen = (batch["types"] == NOISY) | (batch["types"] == CLEAN)
+        fits = routing.counts_fit(is_gen, batch["segment_ids"] > 0, fractions)
+        logits, v = jax.lax.cond(fits, lambda: forward(model),
+                                 lambda: forward(routing.dense(model)))
+    else:
+        logits, v = forward(model)
     ce, correct = losses.text_ce(logits, batch["targets"])
     valid = batch["segment_ids"] > 0
     return dict(ce=ce, ce_correct=correct, ce_mask=valid & (batch["targets"] > 0),
