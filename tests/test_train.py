@@ -45,6 +45,28 @@ def test_resume_gives_identical_losses(tmp_path, sources):
     assert s_resumed["losses"] == [s_full["losses"][-1]]
 
 
+def test_sparse_routing_trains_like_dense_and_counts_its_fallbacks(tmp_path, sources):
+    """Capacities that some of the batches exceed: those steps run dense (counted in the
+    summary), the rest sparse, and the losses match dense routing's throughout."""
+    from strokes_jax.model import routing
+    c = _config(steps=4, checkpoint_every=100)
+    s = loop.setup(c)
+    it = loop.train_iterator(c, s.etok, loop.with_extra_sources(c, sources[0]), skips=None)
+    host = [next(it) for _ in range(4)]
+    gen = [np.isin(b["types"], (1, 2)) & (b["segment_ids"] > 0) for b in host]
+    fills = sorted(g.sum() / g.size for g in gen)
+    fractions = (fills[1], 1.0)  # rounded up to 64 tokens: at least two batches fit
+    expect = sum(not routing.counts_fit(np.isin(b["types"], (1, 2)), b["segment_ids"] > 0,
+                                        fractions) for b in host)
+    assert 0 < expect < 4, fills
+    _, dense = loop.train(c, str(tmp_path / "dense"), sources)
+    c.train.sparse_routing = fractions
+    _, sparse = loop.train(c, str(tmp_path / "sparse"), sources)
+    assert sparse["sparse_routing"]["dense_steps"] == expect
+    np.testing.assert_allclose([l for _, l in sparse["losses"]], [l for _, l in dense["losses"]],
+                               rtol=1e-5)
+
+
 def test_restore_for_eval_loads_the_latest_state(tmp_path, sources):
     c = _config(steps=2, checkpoint_every=1)
     trained, _ = loop.train(c, str(tmp_path), sources)
