@@ -19,6 +19,7 @@ import flax.linen as nn
 
 from strokes_jax.data import pipeline
 from strokes_jax.evaluate import report
+from strokes_jax.model import routing
 from strokes_jax.model.unified import ModelConfig
 from strokes_jax.tokenizer import CLEAN, NOISY, TEXT
 from strokes_jax.train import flops as fl
@@ -83,11 +84,16 @@ def run(config, config_name: str, workdir: str) -> dict:
     mesh, state, accum = s.mesh, s.state, config.train.accum_steps
     ratio = shd.sharded_fraction(state.params, mesh)
     lc = sp.LossConfig.from_config(config)
-    train_step, _ = sp.jit_steps(s.model, s.tx, lc, mesh, s.shardings, accum_steps=accum,
-                                 ema_decay=config.optim.ema_decay)
+    fractions = tuple(config.train.get("sparse_routing", ()))
+    train_step, _ = sp.jit_steps(routing.sparse(s.model, fractions), s.tx, lc, mesh, s.shardings,
+                                 accum_steps=accum, ema_decay=config.optim.ema_decay)
     rows, L = config.data.batch_size // jax.process_count(), config.data.seq_len
     num_patches = mc.latent_grid[0] * mc.latent_grid[1]
     local = synthetic_batch(rows, L, mc.vocab_size, mc.patch_dim, num_patches, b.text_len)
+    is_gen = np.isin(local["types"], (NOISY, CLEAN))
+    # Whether the timed step routed sparsely (the synthetic batch fits the capacities).
+    sparse = bool(fractions) and bool(routing.counts_fit(is_gen, local["segment_ids"] > 0,
+                                                          fractions))
     batch = pipeline.to_global({k: local[k] for k in sp.BATCH_KEYS}, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(shd.rules_tuple(config.rules)):
         t0 = time.time()
@@ -110,6 +116,8 @@ def run(config, config_name: str, workdir: str) -> dict:
         "config": config_name, "commit": report.git_commit(), "device": dev,
         "mesh": dict(mesh.shape), "dtype": mc.decoder.dtype, "remat": mc.decoder.remat,
         "scan_layers": mc.decoder.scan_layers, "attention": mc.decoder.attention,
+        "sparse_routing": {"capacity": list(fractions), "used": sparse,
+                           "gen_fill": float(is_gen.mean())} if fractions else None,
         "params": st.param_count(state.params), "global_batch": config.data.batch_size,
         "seq_len": L, "accum_steps": accum, "steps_timed": b.steps,
         "step_time_s": step_s, "step_time_min_s": float(np.min(times)),
