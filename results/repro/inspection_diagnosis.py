@@ -3,16 +3,12 @@
 #       symbolic_critique=runs/repro4/symbolic_critique edits=runs/repro2/edits
 # Regenerates each row's process samples (same prompts and seeds as the reproduction) and
 # scores every <inspect> verdict against the exact checker (strokes_jax/evaluate/inspection.py).
-import sys, json, time
-from absl import flags; flags.FLAGS(["x"])
-sys.path.insert(0, ".")
-from configs import shapes_repro
-from strokes_jax.evaluate import reproduce, job, shapes_bench, inspection
-from strokes_jax.train import loop
+import sys, os, json, time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _rows
+from strokes_jax.evaluate import job, shapes_bench, inspection
 out = {}
-for row, wd in [(a.split("=")[0], a.split("=")[1]) for a in sys.argv[1:]]:
-    c = reproduce.row_config(shapes_repro.get_config(None), row)
-    setup, _ = loop.restore_for_eval(c, wd)
+for row, wd, c, setup, _ in _rows.restored(sys.argv[1:]):
     ec = c.eval
     bench = shapes_bench.benchmark_prompts(ec.seed, ec.prompts_per_tag)
     t = time.time()

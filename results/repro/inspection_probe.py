@@ -6,19 +6,13 @@
 # the reproduction's evaluation prompts: one exactly rendered error of every applicable
 # critique kind per prompt, plus error-free episodes, everything before each verdict
 # teacher-forced.
-import sys, json, time
-from absl import flags; flags.FLAGS(["x"])
-sys.path.insert(0, ".")
-from configs import shapes_repro
-from strokes_jax.evaluate import reproduce, inspection_probe as ip
-from strokes_jax.train import loop
+import sys, os, json, time
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _rows
+from strokes_jax.evaluate import inspection_probe as ip
 out = {}
 items = None
-for arg in sys.argv[2:]:
-    row, wd, *label = arg.split("=")
-    label = label[0] if label else row
-    c = reproduce.row_config(shapes_repro.get_config(None), row)
-    setup, info = loop.restore_for_eval(c, wd)
+for label, wd, c, setup, info in _rows.restored(sys.argv[2:]):
     if items is None:
         items = ip.probe_episodes(c.eval.seed, c.eval.prompts_per_tag)
     t = time.time()

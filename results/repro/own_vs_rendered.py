@@ -6,16 +6,14 @@
 # exact renders of what the detector found in them (inspection_probe.own_trace_items).
 # Also writes OUT_<label>.png: for up to 8 traces whose drawing was wrong, the canvas before
 # the step, the model's own sketch, and the exact render of what the detector found in it.
-import sys, json, time
+import sys, os, json, time
 import numpy as np
 from PIL import Image
-from absl import flags; flags.FLAGS(["x"])
-sys.path.insert(0, ".")
-from configs import shapes_repro
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _rows
 from strokes_jax.data import self_critique as sc
-from strokes_jax.evaluate import reproduce, job, shapes_bench, inspection, inspection_probe as ip
+from strokes_jax.evaluate import job, shapes_bench, inspection, inspection_probe as ip
 from strokes_jax.worlds import shapes
-from strokes_jax.train import loop
 
 
 def wrong_steps_png(samples, bench, path, n=8):
@@ -38,11 +36,7 @@ def wrong_steps_png(samples, bench, path, n=8):
 
 
 out = {}
-for arg in sys.argv[2:]:
-    row, wd, *label = arg.split("=")
-    label = label[0] if label else row
-    c = reproduce.row_config(shapes_repro.get_config(None), row)
-    setup, info = loop.restore_for_eval(c, wd)
+for label, wd, c, setup, info in _rows.restored(sys.argv[2:]):
     ec = c.eval
     bench = shapes_bench.benchmark_prompts(ec.seed, ec.prompts_per_tag)
     t = time.time()
