@@ -101,7 +101,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     ))
 
     # `python -m strokes_jax self-critique`: the trained model's own traces, inspected.
-    c.self_critique = ml_collections.ConfigDict(dict(seed=77, num_prompts=240))
+    # text_temperature > 0 samples the traces' text instead of decoding greedily, so the
+    # split also holds the plan errors the model could make (0: the model's greedy traces).
+    c.self_critique = ml_collections.ConfigDict(dict(seed=77, num_prompts=240,
+                                                     text_temperature=0.0))
 
     # `python -m strokes_jax reproduce`: the ablation ladder, same steps for every row.
     c.reproduce = ml_collections.ConfigDict(dict(

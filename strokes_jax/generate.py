@@ -69,6 +69,20 @@ class _Ex:
     canvas: np.ndarray | None = None  # latents of its last finished image (model.canvas_skip)
 
 
+def pick_token(logits: np.ndarray, allowed: np.ndarray, temperature: float,
+               rng: np.random.Generator) -> int:
+    """The next text token among the allowed ones: the argmax, or a sample from
+    softmax(logits / temperature) when temperature > 0 and more than one token is allowed
+    (a forced token draws nothing, so greedy and sampled runs share their noise until they
+    first differ)."""
+    masked = np.where(allowed, logits.astype(np.float64), -np.inf)
+    if temperature <= 0 or allowed.sum() < 2:
+        return int(np.argmax(masked))
+    z = (masked - masked.max()) / temperature
+    p = np.exp(z)
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+
 class Generator:
     def __init__(self, model, params, etok: EpisodeTokenizer, *, max_len: int,
                  flow_steps: int, shift: float, max_iterations: int, max_text_tokens: int,
@@ -81,6 +95,10 @@ class Generator:
         self.flow_steps = flow_steps
         self.max_iterations, self.max_text_tokens = max_iterations, max_text_tokens
         self.rng = np.random.default_rng(seed)
+        # 0: greedy text. > 0: text sampled at this temperature from each example's own RNG,
+        # for self-sampled critiques that explore the model's plan errors (the paper's
+        # text-side critiques are sampled traces); evaluation stays greedy.
+        self.text_temperature = 0.0
         self._fwd = jax.jit(self._forward)
         t = self.tok
         self.top_level = np.zeros(t.vocab_size, bool)
@@ -190,7 +208,7 @@ class Generator:
                 ex.hit_cap |= mode == "process"
                 allowed[:] = False
                 allowed[t.end_of_episode] = True
-        token = int(np.argmax(np.where(allowed, logits, -np.inf)))
+        token = pick_token(logits, allowed, self.text_temperature, ex.rng)
         self._open(i, ex, token)
 
     def _open(self, i, ex, token):

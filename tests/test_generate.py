@@ -113,3 +113,31 @@ def test_batched_prompts_are_independent(etok):
         assert r.text == one.text
         for a, b in zip(r.images, one.images):
             np.testing.assert_array_equal(a, b)
+
+
+def test_pick_token_greedy_sampled_and_forced():
+    from strokes_jax.generate import pick_token
+    logits = np.array([5.0, 1.0, 2.0, 0.5, 9.0])
+    allowed = np.array([True, True, True, True, False])  # the largest logit is not allowed
+    rng = np.random.default_rng(0)
+    assert pick_token(logits, allowed, 0.0, rng) == 0
+    draws = np.array([pick_token(logits, allowed, 2.0, rng) for _ in range(20000)])
+    assert not (draws == 4).any()
+    p = np.exp(logits[:4] / 2.0) / np.exp(logits[:4] / 2.0).sum()
+    np.testing.assert_allclose(np.bincount(draws, minlength=4)[:4] / draws.size, p, atol=0.015)
+    # A forced token (one allowed) takes nothing from the example's RNG.
+    state = rng.bit_generator.state
+    only = np.array([False, False, True, False, False])
+    assert pick_token(logits, only, 2.0, rng) == 2 and rng.bit_generator.state == state
+
+
+def test_sampled_text_follows_the_temperature(etok):
+    ref = _episodes("additive", 3)[0]
+    greedy = _gen(etok, ref)([ref.prompt], "process")[0]
+    cold, hot = _gen(etok, ref), _gen(etok, ref)
+    cold.text_temperature, hot.text_temperature = 0.05, 5.0
+    # The oracle's logit gap is 10, so at 0.05 sampling is greedy in effect.
+    out = cold([ref.prompt], "process")[0]
+    assert out.text == greedy.text
+    # At 5 the right token has ~10% of the mass among ~70 allowed: the text departs.
+    assert hot([ref.prompt], "process")[0].text != greedy.text

@@ -48,12 +48,15 @@ def self_critique(setup, config, workdir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     prompts = sc.training_prompts(c.seed, c.num_prompts)
-    episodes, counts = sc.sample_and_critique(make_generator(setup, config, c.seed), prompts,
-                                              config.eval.batch_size, f"self{c.seed}")
+    gen = make_generator(setup, config, c.seed)
+    gen.text_temperature = float(c.get("text_temperature", 0.0))
+    episodes, counts = sc.sample_and_critique(gen, prompts, config.eval.batch_size,
+                                              f"self{c.seed}")
     path = os.path.join(out_dir, "episodes.array_record")
     sc.write_array_record(episodes, path)
     stats = {"path": path, "episodes": len(episodes), "outcomes": counts,
-             "prompts": len(prompts), "seconds": time.time() - t0}
+             "prompts": len(prompts), "text_temperature": gen.text_temperature,
+             "seconds": time.time() - t0}
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
     return stats
