@@ -39,12 +39,15 @@ def get_config(arg: str | None = None):
     # Sparse MoT routing (model/routing.py), (gen, und) capacity fractions per row: the
     # largest shares seen in 100 batches of each mix (single-pass 0.844 / 0.148, additive
     # and edits 0.562 / 0.293, critique mix 0.606 / 0.299) with a margin. A batch that does
-    # not fit runs dense routing, so the capacities change speed, not numbers. 0.87 s ->
-    # 0.66 s per additive step on 2 CPU cores (results/bench/step_breakdown_cpu.py).
+    # not fit runs dense routing, so the capacities decide speed (and float rounding). The
+    # self-critique split's verdicts add text: phase 2 fills up to 0.606 / 0.368, so that row
+    # gets more understanding capacity (at 5f9a9e5 it had 0.3125 and 330 of its 600 phase-2
+    # steps ran dense). 0.87 s -> 0.66 s per additive step on 2 CPU cores
+    # (results/bench/step_breakdown_cpu.py).
     process = (0.625, 0.3125)
     c.reproduce.sparse_routing = dict(single_pass=(0.875, 0.1875), additive=process,
                                       edits=process, symbolic_critique=process,
-                                      self_critique=process)
+                                      self_critique=(0.625, 0.375))
     if arg == "long":
         c.train.steps = c.optim.total_steps = 2000
         c.reproduce.single_pass_multiples = ()  # 1x is already the reference's 2x

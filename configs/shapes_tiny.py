@@ -78,7 +78,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # (gen, und) capacity fractions of each batch's tokens for sparse MoT routing in the
         # training step (model/routing.py; single-device only), () for dense routing. The
         # demo's mix fills at most 0.633 / 0.292 of a batch (200 batches); a batch that does
-        # not fit runs dense, so this changes speed, not numbers.
+        # not fit runs dense, so this decides speed (and float rounding), not results.
         sparse_routing=(0.6875, 0.3125),
     ))
 

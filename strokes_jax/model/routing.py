@@ -9,7 +9,9 @@ the first `gen` sorted tokens and the understanding expert on the last `und`, an
 token takes its own expert's output back. Padding tokens (segment 0) see only themselves
 and carry no loss, so they may fall in neither window. Static capacities need a fallback:
 `fits` says whether this batch's counts fit, and step._per_token runs the dense model when
-they do not (lax.cond), so results never depend on the capacities, only the speed does.
+they do not (lax.cond). Sparse and dense agree to float rounding (a token's projection is
+the same product, on a differently blocked matmul), so the capacities decide the speed; over
+a long training run the rounding can still flip single evaluation prompts.
 
 The sort is over the whole flattened batch, so on a data-sharded mesh XLA would gather the
 batch: this is a single-device lever (CPU, one GPU), off by default (train.sparse_routing).
