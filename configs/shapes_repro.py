@@ -9,11 +9,12 @@ steps extends the learning curve.
 Variants:
 - ':long' is 2000 steps per row. At 1000 steps the rows with critiques have not yet learned
   to draw the planned object: their flow loss drops between steps 700 and 1050, the
-  additive-only row's between 400 and 550. At 2000 steps every process row scores 0.98 to
-  1.00 and single-pass 0.067 (README, results/repro/ladder_2000_steps). Measured per row on
-  2 CPU cores: 37 to 47 minutes (shared with other jobs), so all five rows take about 3.5
-  hours; `--config.reproduce.rows="('single_pass','self_critique')"` runs the claim's two
-  rows only.
+  additive-only row's between 400 and 550. At 2000 steps every process row scores 0.97 to
+  1.00 and single-pass 0.067 (README, results/repro/reference_2000_steps, one command at
+  5f9a9e5). With sparse MoT routing a process row trains in about 24 minutes on 2 CPU cores
+  with nothing else running (additive: 1445 s), so the five rows take about 2 h 10 min (3.5
+  hours with dense routing); `--config.reproduce.rows="('single_pass','self_critique')"`
+  runs the claim's two rows only.
 - ':quick' is the demo's budget per row (1000 steps, like the reference) with a smaller
   evaluation and no 2x single-pass run, a first look at the ladder.
 - ':test' is for unit tests.
