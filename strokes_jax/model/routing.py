@@ -26,6 +26,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from strokes_jax.tokenizer import CLEAN, NOISY
+
 # Capacities are rounded up to this many tokens so similar fractions share one shape.
 _ROUND = 64
 
@@ -51,6 +53,11 @@ def counts_fit(is_gen, valid, fractions):
     (works on numpy and jax arrays alike, so the training loop can count fallbacks)."""
     g_cap, u_cap = capacities(is_gen.size, fractions)
     return ((is_gen & valid).sum() <= g_cap) & ((~is_gen & valid).sum() <= u_cap)
+
+
+def batch_fits(types, segment_ids, fractions):
+    """counts_fit from a batch's token types and segment ids (the training step and loop)."""
+    return counts_fit((types == NOISY) | (types == CLEAN), segment_ids > 0, fractions)
 
 
 def plan(is_gen: jax.Array, valid: jax.Array, fractions) -> Route:

@@ -22,7 +22,6 @@ from clu import metric_writers, periodic_actions
 from strokes_jax import tokenizer as tk
 from strokes_jax.data import pipeline, tfds_shapes
 from strokes_jax.model import routing
-from strokes_jax.tokenizer import CLEAN, NOISY
 from strokes_jax.model.unified import ModelConfig, UnifiedModel
 from strokes_jax.train import checkpoint as ckpt
 from strokes_jax.train import flops as fl
@@ -252,9 +251,8 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
         while step < tc.steps:
             host = next(it)
             if fractions:  # the step ran dense routing (the counts did not fit)
-                types = host["types"]
-                dense_steps += not routing.counts_fit((types == NOISY) | (types == CLEAN),
-                                                      host["segment_ids"] > 0, fractions)
+                dense_steps += not routing.batch_fits(host["types"], host["segment_ids"],
+                                                      fractions)
             batch = _batch(host, s.mesh)
             s.state, metrics = train_step(s.state, batch)
             step += 1

@@ -81,8 +81,7 @@ def _per_token(params, batch, noised, model):
                        **vit_inputs(batch))
     fractions = model.cfg.decoder.sparse_routing
     if fractions:  # sparse routing where this batch's token counts fit, else dense
-        is_gen = (batch["types"] == NOISY) | (batch["types"] == CLEAN)
-        fits = routing.counts_fit(is_gen, batch["segment_ids"] > 0, fractions)
+        fits = routing.batch_fits(batch["types"], batch["segment_ids"], fractions)
         logits, v = jax.lax.cond(fits, lambda: forward(model),
                                  lambda: forward(routing.dense(model)))
     else:
