@@ -99,3 +99,35 @@ def test_rows_come_from_the_config_in_run_order():
     c.reproduce.rows = ("additive", "full_method")
     with pytest.raises(ValueError, match=r"reproduce\.rows.*full_method"):
         reproduce.selected_rows(c)
+
+
+def test_rerunning_a_row_keeps_the_other_rows(tmp_path, monkeypatch):
+    """Rerunning some rows into a workdir replaces those rows only; the table names each
+    row's commit and config when they differ. A file from another config is moved aside."""
+    scores = iter([0.25, 0.5, 0.75, 1.0])
+
+    def fake_train_eval(c, workdir, modes, name):
+        res = {"scores": {"overall": next(scores)}, "nfe_per_image": 20.0,
+               "nfe_per_sample": 30.0}
+        return None, {"losses": [], "start_step": 0}, {"results": {modes[0]: res}}
+
+    monkeypatch.setattr(reproduce, "_train_eval", fake_train_eval)
+    c = shapes_repro.get_config("test")
+    c.reproduce.rows = ("additive", "edits")
+    first = reproduce.run(c, "repro:test", str(tmp_path))
+    assert "more than one run" not in reproduce.table(first)
+    c.reproduce.rows = ("edits",)
+    c.eval.max_iterations += 1  # an override: the same command, another experiment
+    second = reproduce.run(c, "repro:test", str(tmp_path))
+    assert second["rows"]["additive"]["scores"]["overall"] == 0.25  # kept
+    assert second["rows"]["edits"]["scores"]["overall"] == 0.75  # redone (0.5 before)
+    assert second["rows"]["additive"]["config_sha"] != second["rows"]["edits"]["config_sha"]
+    table = open(tmp_path / "reproduction.md").read()
+    assert "Rows from more than one run: additive at" in table
+    assert list(json.load(open(tmp_path / "reproduction.json"))["rows"]) == ["additive", "edits"]
+    # Another config name: the earlier file is kept under its commit's name, not merged.
+    third = reproduce.run(c, "repro:other", str(tmp_path))
+    assert list(third["rows"]) == ["edits"]
+    aside = [f for f in os.listdir(tmp_path) if f.startswith("reproduction.") and
+             f not in ("reproduction.json", "reproduction.md")]
+    assert len(aside) == 1 and json.load(open(tmp_path / aside[0]))["config"] == "repro:test"

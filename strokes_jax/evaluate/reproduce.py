@@ -16,7 +16,9 @@ Rows (the paper's ablation ladder):
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import logging
 import os
 import time
 
@@ -118,11 +120,49 @@ def selected_rows(config) -> tuple[str, ...]:
     return tuple(r for r in RUN_ORDER if r in rows)
 
 
+def config_sha(c) -> str:
+    """A short fingerprint of the run's config (overrides included, reproduce.rows left
+    out): rows kept from an earlier run in the same workdir show whether they come from a
+    different experiment."""
+    d = c.to_dict()
+    d.get("reproduce", {}).pop("rows", None)  # which rows one command runs is not the row's
+    return hashlib.sha1(json.dumps(d, sort_keys=True, default=repr).encode()).hexdigest()[:10]
+
+
+def _earlier(workdir: str, config_name: str, total: int, rows) -> dict:
+    """The rows of an earlier reproduction.json in workdir that this run does not redo, so
+    rerunning one row keeps the table whole. A file from another config or step budget is
+    moved aside (reproduction.<commit>.json), never overwritten."""
+    path = os.path.join(workdir, "reproduction.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    if old.get("config") != config_name or old.get("steps_per_row") != total:
+        aside = os.path.join(workdir, f"reproduction.{old.get('commit', 'earlier')}.json")
+        os.replace(path, aside)
+        logging.warning("%s is from %s at %s steps per row, not %s at %s: moved to %s", path,
+                        old.get("config"), old.get("steps_per_row"), config_name, total, aside)
+        return {}
+    kept = {}
+    for row, r in old.get("rows", {}).items():
+        if row not in rows:
+            r.setdefault("commit", old.get("commit"))
+            kept[row] = r
+    extra = {k: old[k] for k in ("single_pass_curve",) if k in old and "single_pass" not in rows}
+    if "self_critique_outcomes" in old and "self_critique" not in rows:
+        extra["self_critique_outcomes"] = old["self_critique_outcomes"]
+    return {"rows": kept, **extra}
+
+
 def run(config, config_name: str, workdir: str, rows=None) -> dict:
     rows = selected_rows(config) if rows is None else rows
     total, frac = config.train.steps, config.reproduce.phase2_fraction
     out = {"config": config_name, "commit": report.git_commit(), "device": report.device_info(),
            "steps_per_row": total, "rows": {}}
+    earlier = _earlier(workdir, config_name, total, rows)
+    out.update({k: v for k, v in earlier.items() if k != "rows"})
+    out["rows"].update(earlier.get("rows", {}))
     for row in rows:
         t0 = time.time()
         c = row_config(config, row)
@@ -151,7 +191,9 @@ def run(config, config_name: str, workdir: str, rows=None) -> dict:
             episodes = c.data.num_train + crit["episodes"]
             out["self_critique_outcomes"] = crit["outcomes"]
         res = payload["results"][modes[0]]
-        out["rows"][row] = {"mode": modes[0], "scores": res["scores"],
+        out["rows"][row] = {"mode": modes[0], "commit": out["commit"],
+                            "config_sha": config_sha(config),
+                            "scores": res["scores"],
                             "nfe_per_image": res["nfe_per_image"],
                             "nfe_per_sample": res["nfe_per_sample"],
                             "evals_per_sample": res.get("evals_per_sample"),
@@ -211,6 +253,11 @@ def table(out: dict) -> str:
             "single_object", "two_object", "counting", "colors", "position", "color_attr"))
             + f" | {sc['overall']:.3f} | {r['nfe_per_image']:.1f} | {r['nfe_per_sample']:.1f} | "
             f"{r['episodes']} | {r['wall_s']:.0f}{resumed} |")
+    runs = {(r.get("commit"), r.get("config_sha")) for r in out["rows"].values()}
+    if len(runs) > 1:  # rows kept from earlier runs in this workdir: say which is which
+        lines += ["", "Rows from more than one run: " + ", ".join(
+            f"{row} at {r.get('commit')} (config {r.get('config_sha')})"
+            for row, r in sorted(out["rows"].items(), key=lambda kv: ROWS.index(kv[0]))) + "."]
     if "self_critique" not in out["rows"]:
         curve_lines = curve_lines[:2]  # no full-method score to compare with yet
     insp = [f"- {row}: {inspection.line(r['inspection'])}"
