@@ -73,6 +73,16 @@ def test_unparseable_verdicts_and_single_pass_samples_are_not_scored():
     c = inspection.confusion([s, sp], [p])
     assert c["counts"] == {"unparseable_verdict": 1}
     assert c["false_alarm_rate"] is None
+    # Left out of the rates, but the one-line summary says how many were not judged.
+    assert c["steps_not_judged"] == 1 and "1 more not judged" in inspection.line(c)
+
+    def garbled_plan(e, scene):
+        e.steps[0].des = "a red"
+
+    p, s = _sample("single_object", 4, garbled_plan)
+    c = inspection.confusion([s], [p])
+    assert c["counts"]["unparseable_plan"] == 1 and c["steps_not_judged"] == 1
+    assert "0 inspected steps (0 wrong; 1 more not judged)" in inspection.line(c)
 
 
 def _words(o):

@@ -66,7 +66,12 @@ def confusion(samples: Sequence, bench: Sequence[prompts.Prompt]) -> dict:
                 n["exact"] += said == want
     right, wrong = n["ok_said_ok"] + n["ok_said_wrong"], n["wrong_said_wrong"] + n["wrong_said_ok"]
     rate = lambda a, b: (a / b) if b else None  # noqa: E731
+    # Steps the checker cannot judge (a plan that does not parse, two objects in one cell,
+    # a verdict that does not parse) are left out of the rates, but counted.
+    skipped = sum(v for k, v in n.items() if k in ("unparseable_plan", "undetectable",
+                                                    "unparseable_verdict"))
     return {"counts": dict(n), "steps_right": right, "steps_wrong": wrong,
+            "steps_not_judged": skipped,
             "false_alarm_rate": rate(n["ok_said_wrong"], right),
             "miss_rate": rate(n["wrong_said_ok"], wrong),
             "call_accuracy": rate(n["ok_said_ok"] + n["wrong_said_wrong"], right + wrong),
@@ -76,6 +81,8 @@ def confusion(samples: Sequence, bench: Sequence[prompts.Prompt]) -> dict:
 def line(c: dict) -> str:
     """One sentence for tables and logs."""
     pct = lambda v: "n/a" if v is None else f"{100 * v:.0f}%"  # noqa: E731
-    return (f"{c['steps_right'] + c['steps_wrong']} inspected steps ({c['steps_wrong']} wrong): "
+    skipped = c.get("steps_not_judged", 0)
+    return (f"{c['steps_right'] + c['steps_wrong']} inspected steps ({c['steps_wrong']} wrong"
+            + (f"; {skipped} more not judged" if skipped else "") + "): "
             f"false alarms {pct(c['false_alarm_rate'])}, misses {pct(c['miss_rate'])}, "
             f"verdict exact {pct(c['exact_accuracy'])}")

@@ -256,7 +256,7 @@ def table(out: dict) -> str:
     runs = {(r.get("commit"), r.get("config_sha")) for r in out["rows"].values()}
     if len(runs) > 1:  # rows kept from earlier runs in this workdir: say which is which
         lines += ["", "Rows from more than one run: " + ", ".join(
-            f"{row} at {r.get('commit')} (config {r.get('config_sha')})"
+            f"{row} at {r.get('commit')} (config {r.get('config_sha') or 'not recorded'})"
             for row, r in sorted(out["rows"].items(), key=lambda kv: ROWS.index(kv[0]))) + "."]
     if "self_critique" not in out["rows"]:
         curve_lines = curve_lines[:2]  # no full-method score to compare with yet
