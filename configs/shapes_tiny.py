@@ -80,6 +80,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # demo's mix fills at most 0.633 / 0.292 of a batch (200 batches); a batch that does
         # not fit runs dense, so this decides speed (and float rounding), not results.
         sparse_routing=(0.6875, 0.3125),
+        # Prompts painted at every periodic evaluation, as TensorBoard filmstrips
+        # (evaluate/train_images.py); 0 turns it off.
+        tb_images=2,
     ))
 
     c.mesh = dict(shape=(-1, 1, 1))
@@ -137,6 +140,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Width 32: norm scales and biases are a visible share of the parameters.
         c.train.update(steps=8, log_every=2, eval_every=4, checkpoint_every=4, shard_tolerance=0.5)
         c.train.sparse_routing = ()  # tests run on 8-device meshes; sparse is single-device
+        c.train.tb_images = 1
         c.flow["sample_steps"] = 3
         c.bench.update(steps=2, warmup=1)
         c.self_critique.update(num_prompts=6)

@@ -125,8 +125,25 @@ def test_main_job_end_to_end(tmp_path):
     assert strips and all(s.endswith(".png") for s in strips)
     assert os.path.exists(os.path.join(workdir, "report", "report.md"))
     page = open(os.path.join(workdir, "report", "report.html")).read()
-    assert "<table>" in page and page.count("<img ") == len(strips)
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
+    assert page.count("<img ") == len(strips)
+    # The score table as a table: a header row, then one row of cells per mode.
+    table = page[page.index("<table>"):page.index("</table>")]
+    assert table.count("<tr>") == 1 + len(res["results"]) and "---" not in table
+    assert table.count("<td>") == len(res["results"]) * table.count("<th>")
+    # TensorBoard: filmstrips of the fixed prompts at each periodic evaluation during
+    # training (steps 4 and 8), both modes, and the evaluation's filmstrips after it.
+    from tensorboard.backend.event_processing import event_accumulator
+    acc = event_accumulator.EventAccumulator(os.path.join(workdir, "tb"),
+                                             size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()  # TF2 summaries: images are tensors with the images plugin's metadata
+    images = [t for t in acc.Tags()["tensors"]
+              if acc.SummaryMetadata(t).plugin_data.plugin_name == "images"]
+    during = [t for t in images if t.startswith("train_samples/")]
+    assert {t.split("/")[1] for t in during} == {"process", "single_pass"}, during
+    for tag in during:
+        assert [e.step for e in acc.Tensors(tag)] == [4, 8]
+    assert any(t.startswith("filmstrips/") for t in images)
+    assert res["train"]["tb_image_seconds"] > 0
 
 
 def test_phase_two_starts_from_phase_one_and_mixes_in_an_extra_split(tmp_path, sources):
@@ -157,3 +174,14 @@ def test_phase_two_starts_from_phase_one_and_mixes_in_an_extra_split(tmp_path, s
     c.data.extra_sources = ({"path": str(tmp_path / "missing"), "weight": 1.0},)
     with pytest.raises(FileNotFoundError, match=r"data.extra_sources\[0\].path"):
         loop.with_extra_sources(c, sources[0])
+
+
+def test_training_filmstrip_prompts_spread_over_the_categories():
+    from strokes_jax.evaluate import train_images
+    from strokes_jax.worlds import shapes
+
+    assert train_images.prompts(0, 1) == []
+    six = train_images.prompts(6, 1)
+    assert sorted(p.tag for p in six) == sorted(shapes.TAGS)
+    eight = train_images.prompts(8, 1)
+    assert len(eight) == 8 and sorted(p.tag for p in eight[:6]) == sorted(shapes.TAGS)

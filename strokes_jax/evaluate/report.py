@@ -47,7 +47,7 @@ def _clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def filmstrip(prompt: str, text: str, images: Sequence[np.ndarray], path: str,
+def filmstrip(prompt: str, text: str, images: Sequence[np.ndarray], path: str | None,
               title: str = "") -> np.ndarray:
     """One panel per image, captioned with the text written since the previous image, plus a
     final text panel for what followed the last image (inspection, end marker)."""
@@ -75,7 +75,8 @@ def filmstrip(prompt: str, text: str, images: Sequence[np.ndarray], path: str,
             draw.rectangle([x, 36, x + side - 1, 36 + side - 1], outline="gray")
         for j, line in enumerate(lines[i]):
             draw.text((x, 40 + side + 12 * j), line, fill="black", font=font)
-    canvas.save(path)
+    if path:  # None: the array only (TensorBoard during training)
+        canvas.save(path)
     return np.asarray(canvas)
 
 
@@ -147,7 +148,9 @@ def to_html(md_lines: Sequence[str]) -> str:
                 for t, row in zip(["th"] + ["td"] * (len(cells) - 1), cells)) + "</table>")
             table.clear()
 
-    for line in md_lines:
+    # An element may hold several lines (the score table is one string): split them, or
+    # the whole table lands in one row.
+    for line in (ln for item in md_lines for ln in item.split("\n")):
         if line.startswith("|"):
             table.append(line)
             continue

@@ -21,6 +21,7 @@ from clu import metric_writers, periodic_actions
 
 from strokes_jax import tokenizer as tk
 from strokes_jax.data import pipeline, tfds_shapes
+from strokes_jax.evaluate.train_images import TrainImages
 from strokes_jax.model import routing
 from strokes_jax.model.unified import ModelConfig, UnifiedModel
 from strokes_jax.train import checkpoint as ckpt
@@ -245,6 +246,7 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
     history, losses, t0 = [], [], time.time()
     summary = {"params": st.param_count(s.state.params), "start_step": start}
     step, t_window, dense_steps = start, time.time(), 0
+    train_images, image_seconds = TrainImages(s, config), 0.0
     # The mesh and rules make the model's logical activation constraints concrete.
     with _Preemption(jax.process_count() == 1) as pre, jax.set_mesh(s.mesh), \
             nn.logical_axis_rules(shd.rules_tuple(config.rules)):
@@ -284,6 +286,7 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
                           f"{tflops * 1e3:.1f} GFLOP/s/device ({time.time() - t0:.0f}s)", flush=True)
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 writer.write_scalars(step, evaluate_loss(s, eval_step, eval_src, config))
+                image_seconds += train_images(step, writer)
             if saving:
                 ckpt.save(mgr, step, s.state, it, force=True)
             if stop:
@@ -293,7 +296,7 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
     writer.flush()
     summary.update(end_step=step, train_seconds=time.time() - t0,
                    losses=losses, skipped=skips.get_state(),
-                   preempted=step < tc.steps)
+                   preempted=step < tc.steps, tb_image_seconds=image_seconds)
     if fractions:
         summary["sparse_routing"] = dict(capacity=list(fractions), dense_steps=dense_steps)
     return s, summary
