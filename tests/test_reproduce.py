@@ -22,6 +22,9 @@ def test_reproduce_writes_the_ablation_table(tmp_path):
     assert out["rows"]["single_pass"]["mode"] == "single_pass"
     for row, r in out["rows"].items():
         assert r["train_steps"] == 4
+        # Packed episodes trained on: at least one per batch row (the full method's phase 1
+        # and phase 2 together).
+        assert r["episodes_seen"] >= 4 * c.data.batch_size, (row, r["episodes_seen"])
         assert 0.0 <= r["scores"]["overall"] <= 1.0 and r["nfe_per_image"] >= 0
     assert out["rows"]["single_pass"]["nfe_per_image"] == c.flow["sample_steps"]  # always draws
     # Process rows also carry the teacher-forced inspection probe, named in the table's tail.
@@ -47,6 +50,7 @@ def test_reproduce_writes_the_ablation_table(tmp_path):
     at = [table.index(f"| {row} |") for row in reproduce.ROWS]
     assert at == sorted(at)  # printed in ladder order
     assert "teacher-forced probe: image errors caught" in table
+    assert f"{out['rows']['additive']['episodes_seen']} seen)" in table
     assert all(r["start_step"] == 0 for r in out["rows"].values()) and "resumed" not in table
     # A row that resumed from a checkpoint says so next to its (partial) wall time.
     out["rows"]["additive"]["start_step"] = 3

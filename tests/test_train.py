@@ -185,3 +185,8 @@ def test_training_filmstrip_prompts_spread_over_the_categories():
     assert sorted(p.tag for p in six) == sorted(shapes.TAGS)
     eight = train_images.prompts(8, 1)
     assert len(eight) == 8 and sorted(p.tag for p in eight[:6]) == sorted(shapes.TAGS)
+
+
+def test_episodes_in_a_batch_are_its_distinct_segments():
+    seg = np.array([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0]])
+    assert loop._episodes_in(seg) == 3

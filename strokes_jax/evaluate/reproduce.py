@@ -181,7 +181,7 @@ def run(config, config_name: str, workdir: str, rows=None) -> dict:
         else:
             p1 = copy.deepcopy(c)
             p1.train.steps = p1.optim.total_steps = total - int(round(frac * total))
-            setup, _ = _train(p1, rowdir + "_phase1")
+            setup, p1_summary = _train(p1, rowdir + "_phase1")
             crit = job.self_critique(setup, p1, rowdir + "_phase1")
             c.train.init_from = rowdir + "_phase1"
             c.train.steps = c.optim.total_steps = total - p1.train.steps
@@ -190,6 +190,8 @@ def run(config, config_name: str, workdir: str, rows=None) -> dict:
             _, summary, payload = _train_eval(c, rowdir, modes, f"{config_name}:{row}")
             episodes = c.data.num_train + crit["episodes"]
             out["self_critique_outcomes"] = crit["outcomes"]
+            summary = dict(summary, episodes_seen=summary.get("episodes_seen", 0)
+                           + p1_summary.get("episodes_seen", 0))
         res = payload["results"][modes[0]]
         out["rows"][row] = {"mode": modes[0], "commit": out["commit"],
                             "config_sha": config_sha(config),
@@ -199,7 +201,10 @@ def run(config, config_name: str, workdir: str, rows=None) -> dict:
                             "evals_per_sample": res.get("evals_per_sample"),
                             "inspection": res.get("inspection"),
                             "inspection_probe": res.get("inspection_probe"),
-                            "episodes": episodes, "wall_s": time.time() - t0,
+                            # distinct episodes (data + self-critique split), and packed
+                            # episodes trained on (this process's steps only on a resume)
+                            "episodes": episodes, "episodes_seen": summary.get("episodes_seen"),
+                            "wall_s": time.time() - t0,
                             # > 0: the row resumed from a checkpoint, and wall_s is this
                             # process's share only.
                             "start_step": summary.get("start_step", 0),
@@ -231,6 +236,10 @@ def _write(out: dict, workdir: str) -> None:
         os.replace(tmp, os.path.join(workdir, name))
 
 
+def seen(r: dict) -> str:
+    return f" ({r['episodes_seen']} seen)" if r.get("episodes_seen") else ""
+
+
 def table(out: dict) -> str:
     head = ("| row | single_object | two_object | counting | colors | position | color_attr | "
             "overall | NFE/image | NFE/sample | episodes | wall s |")
@@ -252,7 +261,7 @@ def table(out: dict) -> str:
         lines.append(f"| {row} | " + " | ".join(f"{sc.get(t, float('nan')):.2f}" for t in (
             "single_object", "two_object", "counting", "colors", "position", "color_attr"))
             + f" | {sc['overall']:.3f} | {r['nfe_per_image']:.1f} | {r['nfe_per_sample']:.1f} | "
-            f"{r['episodes']} | {r['wall_s']:.0f}{resumed} |")
+            f"{r['episodes']}{seen(r)} | {r['wall_s']:.0f}{resumed} |")
     runs = {(r.get("commit"), r.get("config_sha")) for r in out["rows"].values()}
     if len(runs) > 1:  # rows kept from earlier runs in this workdir: say which is which
         lines += ["", "Rows from more than one run: " + ", ".join(

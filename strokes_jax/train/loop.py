@@ -156,6 +156,12 @@ def evaluate_loss(s: Setup, eval_step, source, config) -> dict[str, float]:
     return {f"eval/{k}": v for k, v in _mean_metrics(out).items()} if out else {}
 
 
+def _episodes_in(segment_ids) -> int:
+    """Packed episodes in a (host-local) batch: distinct non-zero segment ids per row."""
+    seg = np.asarray(segment_ids)
+    return int(sum(len(np.unique(row[row > 0])) for row in seg))
+
+
 def _batch(b, mesh):
     return pipeline.to_global({k: b[k] for k in sp.batch_keys(b)}, mesh)
 
@@ -245,7 +251,7 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
     peak = fl.peak_tflops(jax.devices()[0].device_kind)
     history, losses, t0 = [], [], time.time()
     summary = {"params": st.param_count(s.state.params), "start_step": start}
-    step, t_window, dense_steps = start, time.time(), 0
+    step, t_window, dense_steps, seen = start, time.time(), 0, 0
     train_images, image_seconds = TrainImages(s, config), 0.0
     # The mesh and rules make the model's logical activation constraints concrete.
     with _Preemption(jax.process_count() == 1) as pre, jax.set_mesh(s.mesh), \
@@ -255,6 +261,7 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
             if fractions:  # the step ran dense routing (the counts did not fit)
                 dense_steps += not routing.batch_fits(host["types"], host["segment_ids"],
                                                       fractions)
+            seen += _episodes_in(host["segment_ids"])
             batch = _batch(host, s.mesh)
             s.state, metrics = train_step(s.state, batch)
             step += 1
@@ -296,7 +303,8 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
     writer.flush()
     summary.update(end_step=step, train_seconds=time.time() - t0,
                    losses=losses, skipped=skips.get_state(),
-                   preempted=step < tc.steps, tb_image_seconds=image_seconds)
+                   preempted=step < tc.steps, tb_image_seconds=image_seconds,
+                   episodes_seen=seen)
     if fractions:
         summary["sparse_routing"] = dict(capacity=list(fractions), dense_steps=dense_steps)
     return s, summary
