@@ -1,22 +1,23 @@
 """The shapes reproduction (issue 5): five rows with the same model and the same number of
-training steps, sized for about 2 hours on 2 CPU cores (in the background) or about 10
-minutes on one H100 (measured: 9.5 minutes for the five rows, results/repro_h100). The
-accuracy-vs-iteration-cap sweep runs on the full-method row; a single-pass run at 2x the
-steps extends the learning curve.
+training steps. The accuracy-vs-iteration-cap sweep runs on the full-method row.
 
-  python -m strokes_jax reproduce --config configs/shapes_repro.py --workdir runs/repro
+  python -m strokes_jax reproduce --config configs/shapes_repro.py:long --workdir runs/repro
 
 Variants:
-- ':long' is 2000 steps per row. At 1000 steps the rows with critiques have not yet learned
-  to draw the planned object: their flow loss drops between steps 700 and 1050, the
-  additive-only row's between 400 and 550. At 2000 steps every process row scores 0.97 to
-  1.00 and single-pass 0.067 (README, results/repro/reference_2000_steps, one command at
-  5f9a9e5). With sparse MoT routing a process row trains in about 24 minutes on 2 CPU cores
-  with nothing else running (additive: 1445 s), so the five rows take about 2 h 10 min (3.5
-  hours with dense routing); `--config.reproduce.rows="('single_pass','self_critique')"`
-  runs the claim's two rows only.
-- ':quick' is the demo's budget per row (1000 steps, like the reference) with a smaller
-  evaluation and no 2x single-pass run, a first look at the ladder.
+- ':long' is the reference: 2000 steps per row (results/repro/reference_2000_steps, one
+  command at 5f9a9e5: every process row 0.97 to 1.00, single-pass 0.067). At 1000 steps the
+  rows with critiques have not yet learned to draw the planned object: their flow loss
+  drops between steps 700 and 1050, the additive-only row's between 400 and 550. With sparse
+  MoT routing a process row trains in about 24 minutes on 2 CPU cores with nothing else
+  running (additive: 1445 s), so the five rows take about 2 h 10 min (an estimate; the run
+  took 2 h 40 min with an hour on shared cores). No longer single-pass run, to keep that
+  budget: `--config.reproduce.single_pass_multiples="(2,)"` adds a 4000-step one (about an
+  hour more). `--config.reproduce.rows="('single_pass','self_critique')"` runs the claim's
+  two rows only.
+- no variant: 1000 steps per row and a 2000-step (2x) single-pass run. The five rows took
+  9.5 minutes of device time on one H100 (results/repro_h100); at this budget the ladder
+  runs backwards (README).
+- ':quick' is 1000 steps per row with a smaller evaluation and no 2x single-pass run.
 - ':test' is for unit tests.
 """
 
@@ -51,7 +52,7 @@ def get_config(arg: str | None = None):
                                       self_critique=(0.625, 0.375))
     if arg == "long":
         c.train.steps = c.optim.total_steps = 2000
-        c.reproduce.single_pass_multiples = ()  # 1x is already the reference's 2x
+        c.reproduce.single_pass_multiples = ()  # keeps the reference at about 2 hours
     elif arg is not None:
         raise ValueError(f"configs/shapes_repro.py: unknown variant {arg!r} "
                          f"(long, quick, test or none)")
