@@ -11,11 +11,19 @@ from configs import shapes_repro
 from strokes_jax.evaluate import reproduce
 
 
-def test_reproduce_writes_the_ablation_table(tmp_path):
+def test_reproduce_writes_the_ablation_table(tmp_path, monkeypatch):
     c = shapes_repro.get_config("test")
     c.train.update(steps=4, eval_every=0, checkpoint_every=4)
     c.optim.update(total_steps=4, warmup_steps=1)
     c.reproduce.update(curve_points=2, single_pass_multiples=(1.5,))
+    summaries, train = {}, reproduce._train
+
+    def spy(cfg, workdir):
+        setup, summary = train(cfg, workdir)
+        summaries[os.path.basename(workdir)] = summary
+        return setup, summary
+
+    monkeypatch.setattr(reproduce, "_train", spy)
     out = reproduce.run(c, "shapes_repro.py:test", str(tmp_path))
     assert list(out["rows"]) == list(reproduce.RUN_ORDER)
     assert sorted(reproduce.RUN_ORDER) == sorted(reproduce.ROWS)
@@ -26,6 +34,9 @@ def test_reproduce_writes_the_ablation_table(tmp_path):
         # and phase 2 together).
         assert r["episodes_seen"] >= 4 * c.data.batch_size, (row, r["episodes_seen"])
         assert 0.0 <= r["scores"]["overall"] <= 1.0 and r["nfe_per_image"] >= 0
+    assert out["rows"]["self_critique"]["episodes_seen"] == (
+        summaries["self_critique_phase1"]["episodes_seen"]
+        + summaries["self_critique"]["episodes_seen"])
     assert out["rows"]["single_pass"]["nfe_per_image"] == c.flow["sample_steps"]  # always draws
     # Process rows also carry the teacher-forced inspection probe, named in the table's tail.
     assert out["rows"]["single_pass"]["inspection_probe"] is None
@@ -120,18 +131,24 @@ def test_rerunning_a_row_keeps_the_other_rows(tmp_path, monkeypatch):
     c.reproduce.rows = ("additive", "edits")
     first = reproduce.run(c, "repro:test", str(tmp_path))
     assert "more than one run" not in reproduce.table(first)
-    c.reproduce.rows = ("edits",)
+    c.reproduce.rows = ("edits",)  # the same experiment: which rows run is not its config
+    same = reproduce.run(c, "repro:test", str(tmp_path))
+    assert same["rows"]["edits"]["scores"]["overall"] == 0.75  # redone (0.5 before)
+    assert "more than one run" not in reproduce.table(same)
     c.eval.max_iterations += 1  # an override: the same command, another experiment
     second = reproduce.run(c, "repro:test", str(tmp_path))
     assert second["rows"]["additive"]["scores"]["overall"] == 0.25  # kept
-    assert second["rows"]["edits"]["scores"]["overall"] == 0.75  # redone (0.5 before)
+    assert second["rows"]["edits"]["scores"]["overall"] == 1.0  # redone again
     assert second["rows"]["additive"]["config_sha"] != second["rows"]["edits"]["config_sha"]
     table = open(tmp_path / "reproduction.md").read()
-    assert "Rows from more than one run: additive at" in table
+    assert "Rows from more than one run: additive at" in table and " on cpu (config " in table
     assert list(json.load(open(tmp_path / "reproduction.json"))["rows"]) == ["additive", "edits"]
-    # Another config name: the earlier file is kept under its commit's name, not merged.
-    third = reproduce.run(c, "repro:other", str(tmp_path))
-    assert list(third["rows"]) == ["edits"]
-    aside = [f for f in os.listdir(tmp_path) if f.startswith("reproduction.") and
-             f not in ("reproduction.json", "reproduction.md")]
-    assert len(aside) == 1 and json.load(open(tmp_path / aside[0]))["config"] == "repro:test"
+    # Another config name or step budget: refused, since the row folders would resume from
+    # the other run's checkpoints; the earlier table stays as it was.
+    before = open(tmp_path / "reproduction.json").read()
+    with pytest.raises(ValueError, match=r"repro:test at 8 steps per row, not repro:other"):
+        reproduce.run(c, "repro:other", str(tmp_path))
+    c.train.steps += 1
+    with pytest.raises(ValueError, match="use a fresh --workdir"):
+        reproduce.run(c, "repro:test", str(tmp_path))
+    assert open(tmp_path / "reproduction.json").read() == before

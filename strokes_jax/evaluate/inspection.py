@@ -68,8 +68,9 @@ def confusion(samples: Sequence, bench: Sequence[prompts.Prompt]) -> dict:
     rate = lambda a, b: (a / b) if b else None  # noqa: E731
     # Steps the checker cannot judge (a plan that does not parse, two objects in one cell,
     # a verdict that does not parse) are left out of the rates, but counted.
-    skipped = sum(v for k, v in n.items() if k in ("unparseable_plan", "undetectable",
-                                                    "unparseable_verdict"))
+    judged = {"ok_said_ok", "ok_said_wrong", "wrong_said_ok", "wrong_said_wrong",
+              "exact_checked", "exact", "plan_wrong", "image_wrong"}
+    skipped = sum(v for k, v in n.items() if k not in judged)
     return {"counts": dict(n), "steps_right": right, "steps_wrong": wrong,
             "steps_not_judged": skipped,
             "false_alarm_rate": rate(n["ok_said_wrong"], right),

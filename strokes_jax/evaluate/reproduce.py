@@ -18,7 +18,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
 import os
 import time
 
@@ -125,25 +124,27 @@ def config_sha(c) -> str:
     out): rows kept from an earlier run in the same workdir show whether they come from a
     different experiment."""
     d = c.to_dict()
-    d.get("reproduce", {}).pop("rows", None)  # which rows one command runs is not the row's
+    # Which rows and extra single-pass runs one command adds do not change a row.
+    for key in ("rows", "single_pass_multiples", "curve_points"):
+        d.get("reproduce", {}).pop(key, None)
     return hashlib.sha1(json.dumps(d, sort_keys=True, default=repr).encode()).hexdigest()[:10]
 
 
 def _earlier(workdir: str, config_name: str, total: int, rows) -> dict:
     """The rows of an earlier reproduction.json in workdir that this run does not redo, so
-    rerunning one row keeps the table whole. A file from another config or step budget is
-    moved aside (reproduction.<commit>.json), never overwritten."""
+    rerunning one row keeps the table whole. A workdir holding another config or step
+    budget is refused: its row folders hold that run's checkpoints, which the rows would
+    resume from."""
     path = os.path.join(workdir, "reproduction.json")
     if not os.path.exists(path):
         return {}
     with open(path) as f:
         old = json.load(f)
     if old.get("config") != config_name or old.get("steps_per_row") != total:
-        aside = os.path.join(workdir, f"reproduction.{old.get('commit', 'earlier')}.json")
-        os.replace(path, aside)
-        logging.warning("%s is from %s at %s steps per row, not %s at %s: moved to %s", path,
-                        old.get("config"), old.get("steps_per_row"), config_name, total, aside)
-        return {}
+        raise ValueError(
+            f"{path} is a reproduction of {old.get('config')} at {old.get('steps_per_row')} "
+            f"steps per row, not {config_name} at {total}: its row folders would resume from "
+            f"that run's checkpoints; use a fresh --workdir")
     kept = {}
     for row, r in old.get("rows", {}).items():
         if row not in rows:
@@ -191,10 +192,12 @@ def run(config, config_name: str, workdir: str, rows=None) -> dict:
             episodes = c.data.num_train + crit["episodes"]
             out["self_critique_outcomes"] = crit["outcomes"]
             summary = dict(summary, episodes_seen=summary.get("episodes_seen", 0)
-                           + p1_summary.get("episodes_seen", 0))
+                           + p1_summary.get("episodes_seen", 0),
+                           phase1_start_step=p1_summary.get("start_step", 0))
         res = payload["results"][modes[0]]
         out["rows"][row] = {"mode": modes[0], "commit": out["commit"],
                             "config_sha": config_sha(config),
+                            "device_kind": out["device"]["device_kind"],
                             "scores": res["scores"],
                             "nfe_per_image": res["nfe_per_image"],
                             "nfe_per_sample": res["nfe_per_sample"],
@@ -205,9 +208,10 @@ def run(config, config_name: str, workdir: str, rows=None) -> dict:
                             # episodes trained on (this process's steps only on a resume)
                             "episodes": episodes, "episodes_seen": summary.get("episodes_seen"),
                             "wall_s": time.time() - t0,
-                            # > 0: the row resumed from a checkpoint, and wall_s is this
-                            # process's share only.
+                            # > 0: the row resumed from a checkpoint, and wall_s and
+                            # episodes_seen are this process's share only.
                             "start_step": summary.get("start_step", 0),
+                            "phase1_start_step": summary.get("phase1_start_step"),
                             "train_steps": total, "final_loss": summary["losses"][-1][1]
                             if summary["losses"] else None}
         _write(out, workdir)  # after every row: a stopped run still leaves its finished rows
@@ -257,15 +261,19 @@ def table(out: dict) -> str:
                        f"Single-pass training needed to match the full method: {verdict}."]
     for row, r in sorted(out["rows"].items(), key=lambda kv: ROWS.index(kv[0])):
         sc = r["scores"]
-        resumed = f" (resumed at step {r['start_step']})" if r.get("start_step") else ""
+        resumed = (f" (resumed at step {r['start_step']})" if r.get("start_step") else
+                   f" (phase 1 resumed at step {r['phase1_start_step']})"
+                   if r.get("phase1_start_step") else "")
         lines.append(f"| {row} | " + " | ".join(f"{sc.get(t, float('nan')):.2f}" for t in (
             "single_object", "two_object", "counting", "colors", "position", "color_attr"))
             + f" | {sc['overall']:.3f} | {r['nfe_per_image']:.1f} | {r['nfe_per_sample']:.1f} | "
             f"{r['episodes']}{seen(r)} | {r['wall_s']:.0f}{resumed} |")
-    runs = {(r.get("commit"), r.get("config_sha")) for r in out["rows"].values()}
+    runs = {(r.get("commit"), r.get("config_sha"), r.get("device_kind"))
+            for r in out["rows"].values()}
     if len(runs) > 1:  # rows kept from earlier runs in this workdir: say which is which
         lines += ["", "Rows from more than one run: " + ", ".join(
-            f"{row} at {r.get('commit')} (config {r.get('config_sha') or 'not recorded'})"
+            f"{row} at {r.get('commit')} on {r.get('device_kind') or 'a device not recorded'} "
+            f"(config {r.get('config_sha') or 'not recorded'})"
             for row, r in sorted(out["rows"].items(), key=lambda kv: ROWS.index(kv[0]))) + "."]
     if "self_critique" not in out["rows"]:
         curve_lines = curve_lines[:2]  # no full-method score to compare with yet

@@ -58,5 +58,7 @@ class TrainImages:
                                                                   mode))):
                 strip = report.filmstrip(p.text, g.text, g.images, None, title=f"{mode} {p.tag}")
                 images[f"train_samples/{mode}/{i}_{p.tag}"] = strip[None]
+        if hasattr(self.gen, "cache"):
+            self.gen.cache = None  # the KV cache is reallocated per call; free it meanwhile
         writer.write_images(step, images)
         return time.time() - t0

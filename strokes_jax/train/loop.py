@@ -293,7 +293,8 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
                           f"{tflops * 1e3:.1f} GFLOP/s/device ({time.time() - t0:.0f}s)", flush=True)
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 writer.write_scalars(step, evaluate_loss(s, eval_step, eval_src, config))
-                image_seconds += train_images(step, writer)
+                if not stop:  # a preemption notice: save first, paint nothing
+                    image_seconds += train_images(step, writer)
             if saving:
                 ckpt.save(mgr, step, s.state, it, force=True)
             if stop:
@@ -301,6 +302,9 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
                 break
     mgr.wait_until_finished()
     writer.flush()
+    if jax.process_count() > 1:  # each process counted its own rows of the global batch
+        from jax.experimental import multihost_utils
+        seen = int(np.sum(multihost_utils.process_allgather(np.asarray(seen))))
     summary.update(end_step=step, train_seconds=time.time() - t0,
                    losses=losses, skipped=skips.get_state(),
                    preempted=step < tc.steps, tb_image_seconds=image_seconds,
