@@ -150,9 +150,10 @@ def _earlier(workdir: str, config_name: str, total: int, rows) -> dict:
         if row not in rows:
             r.setdefault("commit", old.get("commit"))
             kept[row] = r
-    extra = {k: old[k] for k in ("single_pass_curve",) if k in old and "single_pass" not in rows}
-    if "self_critique_outcomes" in old and "self_critique" not in rows:
-        extra["self_critique_outcomes"] = old["self_critique_outcomes"]
+    # Run-level results that belong to one row are kept with it.
+    extra = {k: old[k] for k, row in (("single_pass_curve", "single_pass"),
+                                      ("self_critique_outcomes", "self_critique"))
+             if k in old and row not in rows}
     return {"rows": kept, **extra}
 
 
@@ -161,9 +162,8 @@ def run(config, config_name: str, workdir: str, rows=None) -> dict:
     total, frac = config.train.steps, config.reproduce.phase2_fraction
     out = {"config": config_name, "commit": report.git_commit(), "device": report.device_info(),
            "steps_per_row": total, "rows": {}}
-    earlier = _earlier(workdir, config_name, total, rows)
-    out.update({k: v for k, v in earlier.items() if k != "rows"})
-    out["rows"].update(earlier.get("rows", {}))
+    out.update(_earlier(workdir, config_name, total, rows))
+    sha = config_sha(config)
     for row in rows:
         t0 = time.time()
         c = row_config(config, row)
@@ -196,7 +196,7 @@ def run(config, config_name: str, workdir: str, rows=None) -> dict:
                            phase1_start_step=p1_summary.get("start_step", 0))
         res = payload["results"][modes[0]]
         out["rows"][row] = {"mode": modes[0], "commit": out["commit"],
-                            "config_sha": config_sha(config),
+                            "config_sha": sha,
                             "device_kind": out["device"]["device_kind"],
                             "scores": res["scores"],
                             "nfe_per_image": res["nfe_per_image"],
