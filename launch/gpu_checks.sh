@@ -1,24 +1,24 @@
 #!/usr/bin/env bash
 # One pass of the accelerator checks on a lent GPU, in a fixed time budget:
 #   launch/gpu_checks.sh OUT_DIR [SECONDS] [REPRO_CONFIG] [BENCH=1|0]
-# 1. the issue-3 throughput benchmark of configs/mot_1b.py, XLA attention then cuDNN;
-# 2. the shapes reproduction (REPRO_CONFIG, default configs/shapes_repro.py, the CPU
+# 1. the throughput benchmark of the mot_1b config, XLA attention then cuDNN;
+# 2. the shapes reproduction (REPRO_CONFIG, default shapes_repro, the CPU
 #    reference config) for whatever time is left; it writes its table after every row, so a stopped run still reports the
 #    rows it finished and how long each took on this device.
 # Python packages the image lacks come from wheels in .whl/ (carry it; .git/info/exclude
-# ignores it), and launch/no_tensorflow.py stands in for TensorFlow. Session 4's set, for the
-# image's Python 3.12, fetched here with `pip download --no-deps --only-binary=:all:
+# ignores it), and launch/no_tensorflow.py stands in for TensorFlow. The set for the
+# image's Python 3.12 is fetched with `pip download --no-deps --only-binary=:all:
 # --python-version 3.12 --platform manylinux_2_28_x86_64 ... -d .whl` (promise 2.3 is an
 # sdist: `pip wheel --no-deps -w .whl promise==2.3`): array-record 0.8.6, clu 0.0.12,
 # dm-tree 0.1.10, docstring-parser 0.18.0, googleapis-common-protos 1.76.0, grain 0.2.18,
 # immutabledict 4.3.1, ml-collections 1.1.0, portpicker 1.6.0, simple-parsing 0.1.9,
 # tensorflow-datasets 4.9.10, tensorflow-metadata 1.21.0, termcolor 3.3.0, toml 0.10.2; and
-# in .whl/fallback flax 0.12.8 and orbax-checkpoint 0.12.8 (the image's 0.12.10 / 0.12.4
-# were within the pins, so unused).
+# in .whl/fallback flax 0.12.8 and orbax-checkpoint 0.12.8, used only when the image's own
+# are outside the pins.
 set -u
 out=${1:?usage: launch/gpu_checks.sh OUT_DIR [SECONDS]}
 budget=${2:-560}
-repro_config=${3:-configs/shapes_repro.py}
+repro_config=${3:-shapes_repro}
 with_bench=${4:-1}
 start=$(date +%s)
 left() { echo $(( budget - ($(date +%s) - start) )); }
@@ -54,10 +54,11 @@ run() {  # run SECONDS NAME ARGS...: one entry point call with its own time cap 
 }
 
 if [ "$with_bench" = 1 ]; then
-  # XLA attention at 8 x 4096 tokens asks for 57 GiB on an H100 (session 4); it stays here
-  # as the baseline that cuDNN is measured against.
-  run 110 bench_xla bench --config configs/mot_1b.py --workdir "$out/bench"
-  run 90 bench_cudnn bench --config configs/mot_1b.py --config.model.attention=cudnn \
+  # XLA attention materialises every layer's full score matrices at 8 x 4096 tokens, so it
+  # needs far more memory than cuDNN's fused kernel; it stays here as the baseline that
+  # cuDNN is measured against.
+  run 110 bench_xla bench --config mot_1b --workdir "$out/bench"
+  run 90 bench_cudnn bench --config mot_1b --config.model.attention=cudnn \
     --workdir "$out/bench"
 fi
 run $(( $(left) - 25 )) reproduce reproduce --config "$repro_config" --workdir /tmp/repro

@@ -1,6 +1,6 @@
 """Run `python -m strokes_jax ...` on an accelerator image that has PyTorch but no TensorFlow.
 
-    python launch/no_tensorflow.py reproduce --config configs/shapes_repro.py --workdir DIR
+    python launch/no_tensorflow.py reproduce --config shapes_repro --workdir DIR
 
 CUDA images often ship JAX and PyTorch without TensorFlow, and tensorflow-cpu (260 MB) plus
 its dependencies is too big to carry. Two imports need it:
@@ -56,7 +56,7 @@ def _torch_writer_class():
 
 def main() -> None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, root)  # configs/ and strokes_jax/ from a checkout, installed or not
+    sys.path.insert(0, root)  # strokes_jax/ from a checkout, installed or not
     if install_clu_torch_writer():
         print("no TensorFlow: clu writes TensorBoard events through torch.utils.tensorboard",
               flush=True)

@@ -1,17 +1,9 @@
-"""One entry point: `python -m strokes_jax <command> --workdir DIR [--config FILE[:variant]]`.
+"""The one command-line door: `python -m strokes_jax COMMAND [options]`.
 
-Commands:
-  demo        build data, train, generate single-pass and process-driven, score, report
-  build-data  write the shapes episodes (TFDS, ArrayRecord) into the data dir
-  train       train or resume in --workdir
-  evaluate    load the newest checkpoint in --workdir, generate both ways, score, report
-  bench       time training steps of --config on synthetic batches; JSON into --workdir
-  reproduce   the ablation ladder (single-pass ... + self-sampled critique), one table
-  self-critique  sample the trained model on training prompts, inspect with the exact checker,
-              write the critique episodes to <workdir>/self_critique/ (ArrayRecord + stats)
-  convert     `convert bagel --ema ... --ae ... --out DIR` or `convert params`: BAGEL-7B-MoT
-              safetensors -> Orbax (strokes_jax/convert/__main__.py; its own options, so
-              `convert` must come first and --workdir does not apply)
+Config commands take `--workdir DIR`, `--config NAME[:ARG]` (a packaged config such as
+`shapes_repro:long`, or a path) and per-key overrides `--config.optim.lr=3e-4`; unknown
+keys fail before anything compiles. `convert`, `bench-generate` and `bench-convert` have
+options of their own (`COMMAND --help`).
 """
 
 from __future__ import annotations
@@ -22,17 +14,43 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "configs", "shapes_tiny.py")
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "ml_collections config file",
+from strokes_jax import configs
+
+# command -> one line of help. The first group reads --config/--workdir.
+CONFIG_COMMANDS = {
+    "demo": "build data, train, generate single-pass and process-driven, score, write the report",
+    "build-data": "write the shapes episodes (TFDS, ArrayRecord) into the data dir",
+    "train": "train, or resume from the newest checkpoint in --workdir",
+    "evaluate": "load the newest checkpoint in --workdir, generate both ways, score, report",
+    "self-critique": "sample the trained model, inspect its steps with the exact checker, "
+                     "write critique episodes",
+    "reproduce": "the ablation ladder (single-pass ... full method), one table",
+    "bench": "time training steps of --config on synthetic batches; JSON into --workdir",
+}
+OWN_OPTIONS = {
+    "convert": "BAGEL-7B-MoT safetensors -> Orbax params, or parameter counts (convert --help)",
+    "bench-generate": "time cached vs uncached generation on a shapes model; JSON",
+    "bench-convert": "peak host memory of `convert bagel` on a synthetic checkpoint; JSON",
+}
+COMMANDS = tuple(CONFIG_COMMANDS) + tuple(OWN_OPTIONS)
+_DEFAULT_CONFIG = os.path.join(configs.HERE, configs.DEFAULT + ".py")
+
+config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "config NAME[:ARG] or PATH[:ARG]",
                                 lock_config=True)
 flags.DEFINE_string("workdir", "runs/shapes_tiny", "where data, checkpoints, logs and the report go")
-
 FLAGS = flags.FLAGS
-COMMANDS = ("demo", "build-data", "train", "evaluate", "bench", "self-critique", "reproduce")
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS)) + 2
+    lines = ["usage: python -m strokes_jax COMMAND [--workdir DIR] [--config NAME[:ARG]] "
+             "[--config.KEY=VALUE ...]", "", "commands:"]
+    lines += [f"  {c:<{width}}{h}" for c, h in {**CONFIG_COMMANDS, **OWN_OPTIONS}.items()]
+    lines += ["", f"packaged configs: {', '.join(configs.NAMES)} (default {configs.DEFAULT})"]
+    return "\n".join(lines)
 
 
 def _print_summary(payload: dict) -> None:
@@ -43,10 +61,7 @@ def _print_summary(payload: dict) -> None:
 
 
 def main(argv):
-    if len(argv) != 2 or argv[1] not in COMMANDS:
-        raise app.UsageError(f"usage: python -m strokes_jax {{{'|'.join(COMMANDS)}}} "
-                             f"[--workdir DIR] [--config FILE], or python -m strokes_jax "
-                             f"convert {{bagel|params}} ... (convert first)")
+    """Runs a config command with the parsed FLAGS; argv = [program, command]."""
     cmd, config, workdir = argv[1], FLAGS.config, FLAGS.workdir
     config_name = os.path.basename(config_flags.get_config_filename(FLAGS["config"]))
     # Orbax and TFDS log every file operation at INFO; progress is printed instead.
@@ -56,7 +71,7 @@ def main(argv):
 
     t0 = time.time()
     if cmd == "bench":
-        from strokes_jax import bench
+        from strokes_jax.train import bench
         out = bench.run(config, config_name, workdir)
         print(json.dumps(out, indent=1))
         return
@@ -75,9 +90,10 @@ def main(argv):
         return
     timings = {}
     if cmd in ("demo", "train"):
+        from strokes_jax.evaluate.train_images import TrainImages
         sources = loop.prepare_data(config, workdir)
         timings["data"] = time.time() - t0
-        setup, summary = loop.train(config, workdir, sources)
+        setup, summary = loop.train(config, workdir, sources, eval_hooks=[TrainImages(config)])
         timings["train"] = summary["train_seconds"]
         print(f"trained {summary['start_step']} -> {summary['end_step']} steps; last losses "
               f"{summary['losses'][-3:]}")
@@ -90,13 +106,88 @@ def main(argv):
     _print_summary(payload)
 
 
-def run():
-    # convert has its own argparse options (--ema, --ae, --out, a plain-path --config) that
-    # absl's flag parser would reject or misread, so it is dispatched before absl sees argv.
-    if sys.argv[1:2] == ["convert"]:
-        from strokes_jax.convert.__main__ import main as convert_main
-        sys.exit(convert_main(sys.argv[2:], prog="python -m strokes_jax convert"))
-    app.run(main)
+def _fail(message: str) -> None:
+    lines = [line for line in str(message).splitlines() if line.strip()]
+    if any(line.startswith("Traceback") for line in lines):
+        lines = lines[-1:]  # a config file raised: its own message, not the traceback
+        lines[0] = lines[0].split(": ", 1)[-1] if "Error: " in lines[0] else lines[0]
+    print(f"error: {' '.join(' '.join(lines).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _unknown_override(args: list[str]) -> str | None:
+    """The first `--config.KEY=VALUE` whose KEY the schema lacks, as a one-line message."""
+    import difflib
+
+    from strokes_jax.configs import schema
+    ref = schema.defaults()
+    for a in args:
+        if not a.startswith("--config."):
+            continue
+        path = a[len("--config."):].partition("=")[0]
+        node, done = ref, []
+        for part in path.split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if ".".join(done) in schema.OPEN:
+                break
+            if part not in keys:
+                where = ".".join(done + [part])
+                hint = difflib.get_close_matches(part, keys, n=1)
+                return (f"unknown config key {where}"
+                        + (f" (did you mean {'.'.join(done + [hint[0]])}?)" if hint else ""))
+            node, done = node[part], done + [part]
+    return None
+
+
+def _resolve_config_arg(args: list[str]) -> list[str]:
+    """Replaces a `--config NAME[:ARG]` value by the packaged file's path, so a missing file
+    fails here, before JAX or TensorFlow is imported."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a == "--config" and i + 1 < len(args):
+            out += [a, configs.resolve(args[i + 1])]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            a = "--config=" + configs.resolve(a[len("--config="):])
+        out.append(a)
+        i += 1
+    return out
+
+
+def run(argv=None):
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(usage(), file=sys.stdout if len(argv) >= 2 else sys.stderr)
+        sys.exit(0 if len(argv) >= 2 else 2)
+    cmd, rest = argv[1], argv[2:]
+    if cmd not in COMMANDS:
+        _fail(f"unknown command {cmd!r}; `python -m strokes_jax --help` lists them")
+    prog = f"python -m strokes_jax {cmd}"
+    if cmd == "convert":
+        from strokes_jax.convert.cli import main as convert_main
+        sys.exit(convert_main(rest, prog=prog))
+    if cmd == "bench-generate":
+        from strokes_jax.inference import bench as generate_bench
+        sys.exit(generate_bench.main(rest, prog=prog))
+    if cmd == "bench-convert":
+        from strokes_jax.convert import memory_bench
+        sys.exit(memory_bench.main(rest, prog=prog))
+    if any(a in ("-h", "--help", "--helpfull") for a in rest):
+        print(f"{prog}: {CONFIG_COMMANDS[cmd]}\n\noptions:\n  --workdir DIR\n"
+              f"  --config NAME[:ARG] | PATH[:ARG]   packaged: {', '.join(configs.NAMES)}\n"
+              f"  --config.SECTION.KEY=VALUE        any key of strokes_jax/configs/schema.py")
+        sys.exit(0)
+    try:
+        rest = _resolve_config_arg(rest)
+        FLAGS([argv[0]] + rest)
+        from strokes_jax.configs import schema
+        schema.check(FLAGS.config)
+    except (configs.ConfigNotFound, flags.Error, KeyError, AttributeError, TypeError,
+            ValueError) as e:
+        _fail(_unknown_override(rest) or (e.args[0] if getattr(e, "args", None) else e))
+    main([argv[0], cmd])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,2 @@
-import os
-import sys
-
-# configs/ lives at the repository root, beside the package.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+"""Shared test settings: markers are declared in pyproject.toml; tests import the installed
+package (no sys.path changes)."""

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def config(steps=4, **overrides):
-    from configs import shapes_tiny
+    from strokes_jax.configs import shapes_tiny
     c = shapes_tiny.get_config("test")
     # kv_heads 2 so that a tensor axis of 2 divides every sharded parameter dimension.
     c.model.update(kv_heads=2)

@@ -13,6 +13,7 @@ import re
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.reference
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 from safetensors.torch import save_file  # noqa: E402

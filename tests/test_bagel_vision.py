@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.reference
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
@@ -20,7 +21,7 @@ from strokes_jax.convert import bagel  # noqa: E402
 from strokes_jax.convert.keymap import Reader, convert  # noqa: E402
 from strokes_jax.model.layers import sincos_2d  # noqa: E402
 from strokes_jax.model.vision import SiglipViT, VisionTower, patch_positions  # noqa: E402
-from strokes_jax.tokenizer import patchify  # noqa: E402
+from strokes_jax.sequence.tokenizer import patchify  # noqa: E402
 
 P, SIDE, LAYERS, LLM_WIDTH = 4, 4, 3, 48
 

@@ -16,15 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import shapes_tiny
-from strokes_jax import tokenizer as tk
-from strokes_jax.data.trajectories import generate_episodes
-from strokes_jax.generate import Generator
-from strokes_jax.generate_cached import CachedGenerator
+from strokes_jax.configs import shapes_tiny
+from strokes_jax.sequence import tokenizer as tk
+from strokes_jax.episodes.mixer import generate_episodes
 from strokes_jax.model.unified import ModelConfig, UnifiedModel, previous_canvas
-from strokes_jax.tokenizer import NOISY
+from strokes_jax.sequence.layout import NOISY
 from strokes_jax.train.step import to_latents
-from test_kv_cache import _TextSteered
+from test_kv_cache import _TextSteered, _cached, _uncached
 from test_model import pack
 
 IMAGE_SHAPE, PATCH = (36, 36, 3), 6
@@ -88,7 +86,7 @@ def test_zero_head_redraws_the_canvas_exactly(etok):
     refs = _episodes()
     kw = dict(max_len=512, flow_steps=3, shift=3.0, max_iterations=8, max_text_tokens=64,
               seed=3)
-    for gen_cls in (Generator, CachedGenerator):
+    for gen_cls in (_uncached, _cached):
         outs = gen_cls(_TextSteered(model, etok, refs), params, etok, **kw)(
             [r.prompt for r in refs], "process")
         for out, ref in zip(outs, refs):
@@ -111,8 +109,8 @@ def test_image_free_context_paints_on_a_blank_canvas(etok):
     refs = _episodes()[:1]
     kw = dict(max_len=512, flow_steps=3, shift=3.0, max_iterations=8, max_text_tokens=64,
               seed=3)
-    run = lambda **g: CachedGenerator(_TextSteered(model, etok, refs), params, etok, **kw,
-                                      **g)([refs[0].prompt], "process")[0]
+    run = lambda **g: _cached(_TextSteered(model, etok, refs), params, etok, **kw,
+                              **g)([refs[0].prompt], "process")[0]
     plain, guided = run(), run(cfg_img_scale=2.0, cfg_interval=(0.0, 1.0))
     assert len(guided.images) >= 2 and guided.nfe_evals == 2 * guided.nfe
     np.testing.assert_array_equal(plain.images[0], guided.images[0])
@@ -126,8 +124,8 @@ def test_cached_generation_matches_uncached(etok):
     kw = dict(max_len=512, flow_steps=3, shift=1.0, max_iterations=8, max_text_tokens=64,
               seed=3)
     prompts = [r.prompt for r in refs]
-    ref = Generator(_TextSteered(model, etok, refs), params, etok, **kw)(prompts, "process")
-    got = CachedGenerator(_TextSteered(model, etok, refs), params, etok, **kw)(prompts, "process")
+    ref = _uncached(_TextSteered(model, etok, refs), params, etok, **kw)(prompts, "process")
+    got = _cached(_TextSteered(model, etok, refs), params, etok, **kw)(prompts, "process")
     for a, b in zip(ref, got):
         assert len(a.images) >= 2  # images painted on a canvas
         assert a.text == b.text and a.nfe == b.nfe

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from strokes_jax import episode as ep
-from strokes_jax import tokenizer as tk
+from strokes_jax.episodes import episode as ep
+from strokes_jax.sequence import tokenizer as tk
 from strokes_jax.data import pipeline as pl
+from strokes_jax.sequence import layout
 from tests.test_data_pipeline import IMAGE_SHAPE, PATCH, make_episode
 
 
@@ -34,12 +35,12 @@ def test_dropped_clean_copy_keeps_the_flow_target_and_hides_the_image(etok):
     a, b = etok(e), etok(e, tk.CondDrop(clean=frozenset({0})))
     P = etok.num_patches
     assert len(b["tokens"]) == len(a["tokens"]) - (P + 2)
-    assert (b["types"] == tk.NOISY).sum() == (a["types"] == tk.NOISY).sum()  # both targets
-    assert (b["types"] == tk.CLEAN).sum() == (a["types"] == tk.CLEAN).sum() - P
+    assert (b["types"] == layout.NOISY).sum() == (a["types"] == layout.NOISY).sum()  # both targets
+    assert (b["types"] == layout.CLEAN).sum() == (a["types"] == layout.CLEAN).sum() - P
     # The noisy copy keeps its position, so the text after it does too.
     np.testing.assert_array_equal(np.unique(b["positions"]), np.unique(a["positions"]))
     # The plan's <|im_end|> no longer precedes the image it would announce: no CE target.
-    first_noisy = int(np.argmax(b["types"] == tk.NOISY))
+    first_noisy = int(np.argmax(b["types"] == layout.NOISY))
     assert b["tokens"][first_noisy - 1] == etok.tok.im_end and b["targets"][first_noisy - 1] == 0
     assert a["targets"][first_noisy - 1] == etok.tok.vision_start
     # Gone: that target and the removed <|vision_end|>'s; the rest are the default layout's.
@@ -63,8 +64,8 @@ def test_vit_copy_dropped_alone():
                              vit_max_side=5)
     e = make_episode(6, steps=2)
     a, b = vt(e), vt(e, tk.CondDrop(vit=frozenset({1})))
-    assert (b["types"] == tk.VIT).sum() == (a["types"] == tk.VIT).sum() - vt.vit_num_patches
-    assert (b["types"] == tk.CLEAN).sum() == (a["types"] == tk.CLEAN).sum()
+    assert (b["types"] == layout.VIT).sum() == (a["types"] == layout.VIT).sum() - vt.vit_num_patches
+    assert (b["types"] == layout.CLEAN).sum() == (a["types"] == layout.CLEAN).sum()
     assert b["positions"].max() == a["positions"].max() - 1
 
 

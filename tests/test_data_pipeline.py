@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from strokes_jax import episode as ep
-from strokes_jax import tokenizer as tk
+from strokes_jax.episodes import episode as ep
+from strokes_jax.sequence import tokenizer as tk
 from strokes_jax.data import pipeline as pl
 from strokes_jax.worlds import shapes
 from strokes_jax.worlds.shapes import Obj
+from strokes_jax.sequence import layout
 
 PATCH = 6
 IMAGE_SHAPE = (shapes.CANVAS, shapes.CANVAS, 3)
@@ -84,7 +85,7 @@ def _segments(row: dict[str, np.ndarray]):
 
 # -- round trips ---------------------------------------------------------------------------
 def test_tfds_array_record_roundtrip(tmp_path):
-    from strokes_jax.data import tfds_shapes as ts
+    from strokes_jax.data import shapes_builder as ts
 
     cfg = ts.ShapesConfig(name="tiny", seed=3, num_train=24, num_eval=6,
                           source=f"{__name__}:tiny_episodes")
@@ -113,7 +114,7 @@ def test_tfds_array_record_roundtrip(tmp_path):
 
 
 def test_tfds_source_errors():
-    from strokes_jax.data import tfds_shapes as ts
+    from strokes_jax.data import shapes_builder as ts
 
     with pytest.raises(ValueError, match="package.module:function"):
         ts.resolve_source("no_colon")
@@ -148,7 +149,7 @@ def test_packing_rows(etok):
     by_key = {_key(etok(ep.Episode.from_bytes(r))): etok(ep.Episode.from_bytes(r)) for r in recs}
     found, nonpad = collections.Counter(), 0
     for b in batches:
-        assert set(b) == set(pl.ROW_FIELDS)
+        assert set(b) == set(layout.ROW_FIELDS)
         for k, v in b.items():
             want_shape = (rows, seq_len, etok.patch_dim) if k == "patches" else (rows, seq_len)
             assert v.shape == want_shape, k
@@ -170,7 +171,7 @@ def test_packing_rows(etok):
                 part = {k: row[k][idx] for k in row}
                 orig = by_key[_key(part)]
                 found[_key(part)] += 1
-                for k in tk.FIELDS:
+                for k in layout.TOKEN_FIELDS:
                     if k != "blocks":
                         np.testing.assert_array_equal(part[k], orig[k], err_msg=k)
                 np.testing.assert_array_equal(part["patches"], orig["patches"])

@@ -25,6 +25,8 @@ DRIVER = os.path.join(HERE, "distributed_driver.py")
 sys.path.insert(0, HERE)
 import distributed_driver  # noqa: E402
 
+pytestmark = pytest.mark.multiprocess
+
 STEPS = 4
 
 

@@ -6,13 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import shapes_tiny
-from strokes_jax import flow
+from strokes_jax.configs import shapes_tiny
+from strokes_jax.model import flow
 from strokes_jax.model.layers import rope, sincos_2d, timestep_features
 
 
 # --------------------------------------------------------------------------------------
-# 5. Flow helpers.
+# 1. Flow helpers.
 
 
 def test_shift():
@@ -86,7 +86,7 @@ def test_cfg_combine():
 
 
 # --------------------------------------------------------------------------------------
-# 6. RoPE, timestep features, 2-D sin-cos table.
+# 2. RoPE, timestep features, 2-D sin-cos table.
 
 
 def test_rope_relative_positions():

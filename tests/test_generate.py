@@ -7,10 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from strokes_jax import tokenizer as tk
-from strokes_jax.data import trajectories
-from strokes_jax.generate import Generator
+from strokes_jax.sequence import tokenizer as tk
+from strokes_jax.episodes import mixer
+from strokes_jax.inference.generator import Generator, SamplingOptions
+from strokes_jax.inference.uncached import UncachedBackend
 from strokes_jax.worlds import shapes
+from strokes_jax.sequence import layout
 
 FLOW_STEPS = 4
 
@@ -22,7 +24,7 @@ class Oracle:
 
     def __init__(self, etok: tk.EpisodeTokenizer, ref):
         a = etok(ref)
-        clean = a["types"] != tk.NOISY
+        clean = a["types"] != layout.NOISY
         self.stream = jnp.asarray(np.append(a["tokens"][clean], etok.tok.pad_id))
         imgs = [trajectories_patches(img, etok.patch) for img in ref.images()]
         self.images = jnp.asarray(np.stack(imgs))
@@ -30,7 +32,7 @@ class Oracle:
 
     def apply(self, variables, tokens, types, positions, segment_ids, blocks, patch_pos,
               latents, timesteps):
-        clean = (segment_ids > 0) & (types != tk.NOISY)
+        clean = (segment_ids > 0) & (types != layout.NOISY)
         k = jnp.cumsum(clean, axis=1) - 1
         nxt = self.stream[jnp.clip(k + 1, 0, self.stream.shape[0] - 1)]
         logits = 10.0 * jax.nn.one_hot(nxt, self.vocab)
@@ -50,14 +52,18 @@ def etok():
 
 
 def _episodes(kind, n=12):
-    return [e for e in trajectories.generate_episodes(5, n, {kind: 1.0})]
+    return [e for e in mixer.generate_episodes(5, n, {kind: 1.0})]
+
+
+def _options(**kw):
+    args = dict(flow_steps=FLOW_STEPS, shift=1.0, max_iterations=8, max_text_tokens=64)
+    args.update(kw)
+    return SamplingOptions(**args)
 
 
 def _gen(etok, ref, **kw):
-    args = dict(max_len=512, flow_steps=FLOW_STEPS, shift=1.0, max_iterations=8,
-                max_text_tokens=64)
-    args.update(kw)
-    return Generator(Oracle(etok, ref), {}, etok, **args)
+    return Generator(UncachedBackend(Oracle(etok, ref), etok, max_len=512), {},
+                     options=_options(**kw))
 
 
 @pytest.mark.parametrize("kind", ["additive", "critique", "edit"])
@@ -116,7 +122,7 @@ def test_batched_prompts_are_independent(etok):
 
 
 def test_pick_token_greedy_sampled_and_forced():
-    from strokes_jax.generate import pick_token
+    from strokes_jax.inference.generator import pick_token
     logits = np.array([5.0, 1.0, 2.0, 0.5, 9.0])
     allowed = np.array([True, True, True, True, False])  # the largest logit is not allowed
     rng = np.random.default_rng(0)
@@ -134,8 +140,7 @@ def test_pick_token_greedy_sampled_and_forced():
 def test_sampled_text_follows_the_temperature(etok):
     ref = _episodes("additive", 3)[0]
     greedy = _gen(etok, ref)([ref.prompt], "process")[0]
-    cold, hot = _gen(etok, ref), _gen(etok, ref)
-    cold.text_temperature, hot.text_temperature = 0.05, 5.0
+    cold, hot = _gen(etok, ref, text_temperature=0.05), _gen(etok, ref, text_temperature=5.0)
     # The oracle's logit gap is 10, so at 0.05 sampling is greedy in effect.
     out = cold([ref.prompt], "process")[0]
     assert out.text == greedy.text

@@ -6,10 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from strokes_jax.data import critique, trajectories
+from strokes_jax.episodes import critique, trajectories
 from strokes_jax.evaluate import inspection, inspection_probe as ip, shapes_bench
-from strokes_jax.generate import Generated
-from strokes_jax.tokenizer import EpisodeTokenizer, Tokenizer
+from strokes_jax.inference.generator import Generated
+from strokes_jax.sequence.tokenizer import EpisodeTokenizer, Tokenizer
 from strokes_jax.worlds import prompts, shapes
 
 

@@ -3,12 +3,14 @@
 (a, b) A batch of real tokenized episodes is stepped through decode mode (prompt prefilled,
 then one text token, one noisy block (not written) or one clean block per call, rows in
 different phases in the same call) and every logit and velocity is compared with the
-uncached full-sequence forward pass. (c) The cached Generator gives the same streams and
-images as the uncached one on a random-parameter model; (d) it reproduces a reference
-episode when steered by an oracle.
+uncached full-sequence forward pass. (c) Generation with the KV-cache backend gives the
+same streams and images as with the uncached one on a random-parameter model; (d) it
+reproduces a reference episode when steered by an oracle.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -16,15 +18,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import shapes_tiny
-from strokes_jax import tokenizer as tk
-from strokes_jax.data.trajectories import generate_episodes
-from strokes_jax.generate import Generator
-from strokes_jax.generate_bench import Steered
-from strokes_jax.generate_cached import CachedGenerator
+from strokes_jax.configs import shapes_tiny
+from strokes_jax.sequence import tokenizer as tk
+from strokes_jax.episodes.mixer import generate_episodes
+from strokes_jax.inference.generator import Generator, SamplingOptions
+from strokes_jax.inference.bench import Steered
+from strokes_jax.inference.kv_cache import KVCacheBackend
+from strokes_jax.inference.uncached import UncachedBackend
 from strokes_jax.model import cache as kvc
 from strokes_jax.model.unified import ModelConfig, UnifiedModel
-from strokes_jax.tokenizer import CLEAN, NOISY, TEXT
+from strokes_jax.sequence.layout import NOISY
 
 IMAGE_SHAPE, PATCH = (36, 36, 3), 6
 
@@ -187,6 +190,19 @@ def _gen_kw(**kw):
     return d
 
 
+def _generator(backend, model, params, etok, *, max_len, seed, **options):
+    return Generator(backend(model, etok, max_len=max_len), params,
+                     options=SamplingOptions(**options), seed=seed)
+
+
+def _uncached(model, params, etok, **kw):
+    return _generator(UncachedBackend, model, params, etok, **kw)
+
+
+def _cached(model, params, etok, **kw):
+    return _generator(KVCacheBackend, model, params, etok, **kw)
+
+
 def _prompts():
     return [e.prompt for e in generate_episodes(2, 3, {"additive": 1.0})]
 
@@ -194,8 +210,8 @@ def _prompts():
 @pytest.mark.parametrize("mode", ["process", "single_pass"])
 def test_cached_generator_matches_uncached(etok, model, params, mode):
     prompts = _prompts()
-    ref = Generator(model, params, etok, **_gen_kw())(prompts, mode)
-    got = CachedGenerator(model, params, etok, **_gen_kw())(prompts, mode)
+    ref = _uncached(model, params, etok, **_gen_kw())(prompts, mode)
+    got = _cached(model, params, etok, **_gen_kw())(prompts, mode)
     assert sum(len(r.images) for r in ref) >= 1  # images were drawn
     assert len({r.text for r in ref}) > 1 or mode == "single_pass"
     for a, b in zip(ref, got):
@@ -206,12 +222,35 @@ def test_cached_generator_matches_uncached(etok, model, params, mode):
             assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
 
 
+def test_options_params_and_noise_are_per_call(etok, model, params):
+    """A call's own rng repeats its noise, its own options and parameters override the
+    generator's, and the backend frees the KV cache when the call ends."""
+    prompts = _prompts()
+    gen = _cached(model, params, etok, **_gen_kw())
+    first = gen(prompts, "single_pass")
+    assert gen.backend.cache is None
+    again = gen(prompts, "single_pass", rng=np.random.default_rng(3))  # the generator's seed
+    unbound = Generator(KVCacheBackend(model, etok, max_len=512), options=gen.options, seed=3)
+    with pytest.raises(ValueError, match="parameters"):
+        unbound(prompts, "single_pass")
+    passed = unbound(prompts, "single_pass", params=params)
+    for a, b, c in zip(first, again, passed):
+        assert a.text == b.text == c.text
+        np.testing.assert_array_equal(a.final_image, b.final_image)
+        np.testing.assert_array_equal(a.final_image, c.final_image)
+    later = gen(prompts, "single_pass")  # the generator's own stream has moved on
+    assert any(np.abs(a.final_image.astype(int) - b.final_image.astype(int)).max() > 0
+               for a, b in zip(first, later))
+    two = gen(prompts, "single_pass", options=dataclasses.replace(gen.options, flow_steps=2))
+    assert [r.nfe for r in two] == [2] * len(prompts) and gen.options.flow_steps == 3
+
+
 @pytest.mark.parametrize("kind", ["critique", "edit"])
 def test_cached_generator_reproduces_a_steered_reference(etok, model, params, kind):
     """The Oracle idea of test_generate.py, through the real model's decode mode."""
     refs = sorted(generate_episodes(5, 12, {kind: 1.0}), key=lambda e: -len(e.steps))[:2]
-    gen = CachedGenerator(Steered(model, etok, refs), params, etok,
-                          **_gen_kw(flow_steps=4, max_iterations=8, max_text_tokens=64))
+    gen = _cached(Steered(model, etok, refs), params, etok,
+                  **_gen_kw(flow_steps=4, max_iterations=8, max_text_tokens=64))
     outs = gen([r.prompt for r in refs], "process")
     for out, ref in zip(outs, refs):
         assert out.error is None and not out.hit_cap, out.error
@@ -228,10 +267,10 @@ def test_text_cfg(etok, model, params):
     """Scale 1 is no CFG (no extra rows); a larger scale changes the images but not the
     text stream before them, nor the NFE count."""
     prompts = _prompts()
-    base = CachedGenerator(model, params, etok, **_gen_kw())(prompts, "single_pass")
-    one = CachedGenerator(model, params, etok, cfg_text_scale=1.0, **_gen_kw())(prompts, "single_pass")
-    four = CachedGenerator(model, params, etok, cfg_text_scale=4.0, cfg_interval=(0.0, 1.0),
-                           **_gen_kw())(prompts, "single_pass")
+    base = _cached(model, params, etok, **_gen_kw())(prompts, "single_pass")
+    one = _cached(model, params, etok, cfg_text_scale=1.0, **_gen_kw())(prompts, "single_pass")
+    four = _cached(model, params, etok, cfg_text_scale=4.0, cfg_interval=(0.0, 1.0),
+                   **_gen_kw())(prompts, "single_pass")
     for a, b, c in zip(base, one, four):
         assert a.text == b.text and c.text.startswith(a.text.split("<image>")[0])
         np.testing.assert_array_equal(a.final_image, b.final_image)
@@ -254,20 +293,20 @@ def test_image_cfg_contexts(etok, model, params, monkeypatch):
     """The image-free context is the text-only stream: until an episode's first image it is
     the conditional context (same velocity), after it the velocities differ. Both
     unconditional contexts are evaluated every guided step (evals = 3 x NFE)."""
-    from strokes_jax import generate_cached
+    from strokes_jax.inference import kv_cache
     calls = []
-    real = generate_cached.flow.cfg_combine
+    real = kv_cache.flow.cfg_combine
 
     def spy(v_cond, v_text, scale, renorm, v_img=None, img_scale=1.0):
         calls.append((np.asarray(v_cond), np.asarray(v_text), np.asarray(v_img)))
         return real(v_cond, v_text, scale, renorm, v_img, img_scale)
 
-    monkeypatch.setattr(generate_cached.flow, "cfg_combine", spy)
+    monkeypatch.setattr(kv_cache.flow, "cfg_combine", spy)
     refs = sorted(generate_episodes(5, 12, {"additive": 1.0}), key=lambda e: -len(e.steps))[:1]
     assert len(refs[0].steps) >= 2
     kw = _gen_kw(flow_steps=2, max_iterations=8, max_text_tokens=64)
-    gen = CachedGenerator(_TextSteered(model, etok, refs), params, etok, cfg_text_scale=2.0,
-                          cfg_img_scale=1.5, cfg_interval=(0.0, 1.0), **kw)
+    gen = _cached(_TextSteered(model, etok, refs), params, etok, cfg_text_scale=2.0,
+                  cfg_img_scale=1.5, cfg_interval=(0.0, 1.0), **kw)
     out = gen([refs[0].prompt], "process")[0]
     assert len(calls) == out.nfe == 2 * len(out.images) and out.nfe_evals == 3 * out.nfe
     first, later = calls[:2], calls[2:]
@@ -276,8 +315,8 @@ def test_image_cfg_contexts(etok, model, params, monkeypatch):
         assert np.abs(v_t - v_c).max() > 1e-3  # the text-free context differs
     assert all(np.abs(v_i - v_c).max() > 1e-3 for v_c, _, v_i in later)
     # Unguided sampling of the same stream: a different image, the same NFE.
-    plain = CachedGenerator(_TextSteered(model, etok, refs), params, etok,
-                            **kw)([refs[0].prompt], "process")[0]
+    plain = _cached(_TextSteered(model, etok, refs), params, etok,
+                    **kw)([refs[0].prompt], "process")[0]
     assert plain.nfe == out.nfe and plain.nfe_evals == plain.nfe
     assert np.abs(plain.images[-1].astype(int) - out.images[-1].astype(int)).max() > 0
 
@@ -287,7 +326,7 @@ def test_vit_copies_in_generation_cached_matches_uncached():
     context a second time through the understanding path, as in training: its own block of
     VIT tokens at the next RoPE position. Cached and uncached loops agree, and the copies
     change what comes after them."""
-    from strokes_jax.tokenizer import VIT
+    from strokes_jax.sequence.layout import VIT
     vt = tk.EpisodeTokenizer(tk.Tokenizer.shapes(), IMAGE_SHAPE, PATCH, vit_patch=12,
                              vit_max_side=5)
     mc = dict(shapes_tiny.get_config("test").model)
@@ -303,9 +342,9 @@ def test_vit_copies_in_generation_cached_matches_uncached():
     p["lm_head"]["kernel"] = 5.0 * p["lm_head"]["kernel"]
     refs = sorted(generate_episodes(5, 12, {"additive": 1.0}), key=lambda e: -len(e.steps))[:2]
     kw = _gen_kw(flow_steps=2, max_iterations=8, max_text_tokens=64)
-    ref = Generator(_TextSteered(m, vt, refs), p, vt, **kw)
-    got = CachedGenerator(_TextSteered(m, vt, refs), p, vt, **kw)([r.prompt for r in refs],
-                                                                    "process")
+    ref = _uncached(_TextSteered(m, vt, refs), p, vt, **kw)
+    got = _cached(_TextSteered(m, vt, refs), p, vt, **kw)([r.prompt for r in refs],
+                                                           "process")
     out = ref([r.prompt for r in refs], "process")
     assert all(len(o.images) >= 2 for o in out)
     for a, b in zip(out, got):
@@ -313,7 +352,7 @@ def test_vit_copies_in_generation_cached_matches_uncached():
         for x, y in zip(a.images, b.images):
             assert np.abs(x.astype(int) - y.astype(int)).max() <= 1
     # The uncached buffer: one ViT block per image, after its clean copy, one position on.
-    buf = ref.buf
+    buf = ref.backend.buf  # the last call's sequence
     for i, o in enumerate(out):
         vit = buf["types"][i] == VIT
         assert vit.sum() == vt.vit_num_patches * len(o.images)
@@ -323,6 +362,6 @@ def test_vit_copies_in_generation_cached_matches_uncached():
     # Without the vision tower's input the second image comes out differently.
     p0 = jax.tree_util.tree_map(lambda x: x, p)
     p0["vision"] = jax.tree_util.tree_map(jnp.zeros_like, p["vision"])
-    blind = Generator(_TextSteered(m, vt, refs), p0, vt, **kw)([r.prompt for r in refs],
-                                                               "process")
+    blind = _uncached(_TextSteered(m, vt, refs), p0, vt, **kw)([r.prompt for r in refs],
+                                                                "process")
     assert np.abs(blind[0].images[1].astype(int) - out[0].images[1].astype(int)).max() > 0

@@ -6,10 +6,14 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.reference
 def test_clu_writes_events_without_tensorflow(tmp_path):
+    pytest.importorskip("torch")  # the stand-in writer is torch's
     # TensorFlow is installed here, so the child hides it: `import tensorflow` then fails the
     # way it does on a GPU image that lacks it.
     code = textwrap.dedent(f"""

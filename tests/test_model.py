@@ -20,15 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import shapes_tiny
-from strokes_jax import losses
-from strokes_jax import episode as ep
-from strokes_jax.data.trajectories import generate_episodes
+from strokes_jax.configs import shapes_tiny
+from strokes_jax.train import losses
+from strokes_jax.episodes import episode as ep
+from strokes_jax.episodes.mixer import generate_episodes
 from strokes_jax.model import attention
 from strokes_jax.model.mot import DecoderConfig, MoTDecoder
 from strokes_jax.model.unified import ModelConfig, UnifiedModel
-from strokes_jax.tokenizer import CLEAN, NOISY, TEXT, EpisodeTokenizer, Tokenizer
+from strokes_jax.sequence.tokenizer import CLEAN, NOISY, TEXT, EpisodeTokenizer, Tokenizer
 from strokes_jax.train import step as train_step
+from strokes_jax.sequence import layout
 
 IMAGE_SHAPE, PATCH = (36, 36, 3), 6
 SEQ_LEN = 432  # critique episode 0 (297) + additive episode 0 (108) = 405, then padding
@@ -416,7 +417,7 @@ def test_hard_routing_grads(decoder_grad, is_gen, silent, active):
 
 @pytest.fixture(scope="module")
 def loss_grad(model, params, row):
-    batch = {k: jnp.asarray(row[k]) for k in train_step.BATCH_KEYS}
+    batch = {k: jnp.asarray(row[k]) for k in layout.ROW_FIELDS}
 
     @jax.jit
     def g(params, batch, sw, ce_w, mse_w):

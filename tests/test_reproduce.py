@@ -7,8 +7,10 @@ import os
 
 import pytest
 
-from configs import shapes_repro
+from strokes_jax.configs import shapes_repro
 from strokes_jax.evaluate import reproduce
+
+pytestmark = pytest.mark.slow
 
 
 def test_reproduce_writes_the_ablation_table(tmp_path, monkeypatch):

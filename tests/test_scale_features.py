@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import shapes_tiny
+from strokes_jax.configs import shapes_tiny
 from strokes_jax.data import pipeline
 from strokes_jax.model import mot, routing
 from strokes_jax.model.unified import ModelConfig, UnifiedModel
 from strokes_jax.train import flops as fl
 from strokes_jax.train import loop, sharding as shd, state as st, step as sp
+from strokes_jax.sequence import layout
 
 
 def _cfg(**model):
@@ -31,7 +32,7 @@ def batch(tmp_path_factory):
     etok = loop.episode_tokenizer(c)
     it = pipeline.make_train_iter(src, etok, seq_len=c.data.seq_len, global_batch_size=4, seed=0)
     b = next(it)
-    return {k: jnp.asarray(b[k]) for k in sp.BATCH_KEYS}
+    return {k: jnp.asarray(b[k]) for k in layout.ROW_FIELDS}
 
 
 def _model(c):
@@ -69,6 +70,7 @@ def test_scanned_layers_match_the_loop(batch, base):
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_keeps_the_gradients(batch, base, remat):
     c, m, params, _ = base
@@ -107,6 +109,7 @@ def _fresh(c, accum=1, ema=0.0):
     return s, train
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_the_large_batch(batch):
     c = _cfg()
     c.data.batch_size = 4
@@ -121,6 +124,7 @@ def test_gradient_accumulation_matches_the_large_batch(batch):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_ema_tracks_the_params(batch):
     c = _cfg()
     c.data.batch_size = 4
@@ -154,7 +158,7 @@ def test_indivisible_parameter_names_the_rule():
     mesh shape of 3 on fsdp: 'embed' (width 32) is not divisible and the error says where."""
     c = _cfg()
     m = _model(c)
-    tx = st.make_optimizer(c.optim)
+    tx = st.make_optimizer(c.optim, c.train.steps)
 
     class FakeMesh:
         shape = {"data": 1, "fsdp": 3, "tensor": 1}
@@ -194,8 +198,9 @@ def test_flops_and_peak_table():
     assert fl.peak_tflops("cpu") is None
 
 
+@pytest.mark.slow
 def test_bench_writes_json(tmp_path):
-    from strokes_jax import bench
+    from strokes_jax.train import bench
     c = _cfg()
     out = bench.run(c, "shapes_tiny.py:test", str(tmp_path))
     rec = json.load(open(out["path"]))
@@ -218,6 +223,7 @@ def _fill(batch):
     return (gen & valid).sum() / n, (~gen & valid).sum() / n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True])
 def test_sparse_routing_matches_dense(batch, base, scan):
     c, m, params, (logits, vel) = base

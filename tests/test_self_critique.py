@@ -6,12 +6,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from strokes_jax import episode as ep
-from strokes_jax import tokenizer as tk
-from strokes_jax.data import self_critique as sc
-from strokes_jax.data import trajectories
-from strokes_jax.generate import Generated
-from strokes_jax.worlds import grammar, prompts, shapes
+from strokes_jax.episodes import episode as ep
+from strokes_jax.sequence import tokenizer as tk
+from strokes_jax.episodes import self_critique as sc
+from strokes_jax.episodes import trajectories
+from strokes_jax.inference.generator import Generated
+from strokes_jax.worlds import checker, grammar, prompts, shapes
+from strokes_jax.sequence import layout
 
 
 def _trace(tag, seed=0):
@@ -71,7 +72,7 @@ def test_image_issue_kinds(kind):
     planned = (a, b)
     drawn = {"missing": (a,), "extra": (a, b, shapes.Obj("cross", "green", 2, 2)),
              "place": (a, b.replace(row=2, col=0))}[kind]
-    issue, cmd = sc.image_issue(drawn, planned)
+    issue, cmd = checker.image_issue(drawn, planned)
     assert issue.kind == kind
     assert set(cmd.apply(drawn)) == set(planned)
 
@@ -91,8 +92,8 @@ def test_context_only_sketches_carry_no_flow_loss_and_round_trip():
     out, what = sc.critique_trace(_gen(e, p), p, "x")
     etok = tk.EpisodeTokenizer(tk.Tokenizer.shapes(), (shapes.CANVAS, shapes.CANVAS, 3), 6)
     arr = etok(out)
-    assert np.sum(arr["types"] == tk.NOISY) == 0  # every sketch is the model's own: context
-    assert np.sum(arr["types"] == tk.CLEAN) == 36 * len(out.steps)
+    assert np.sum(arr["types"] == layout.NOISY) == 0  # every sketch is the model's own: context
+    assert np.sum(arr["types"] == layout.CLEAN) == 36 * len(out.steps)
     back = ep.Episode.from_bytes(out.to_bytes())
     assert [s.sketch_target for s in back.steps] == [False] * len(out.steps)
     assert back.to_bytes() == out.to_bytes()

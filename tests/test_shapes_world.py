@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from strokes_jax import judge
-from strokes_jax.judge import Detection
+from strokes_jax.worlds import geneval
+from strokes_jax.worlds.geneval import Detection
 from strokes_jax.worlds import detect, grammar, prompts, shapes
 from strokes_jax.worlds.shapes import Obj
 
@@ -99,7 +99,7 @@ def test_detector_drops_small_components():
 
 def test_detector_ignores_blocky_colour_noise():
     """What an undertrained model draws: patches of palette colours a few pixels wide. Such
-    blobs must not count as objects (they once scored 0.5 on single_object)."""
+    blobs must not count as objects."""
     rng = np.random.default_rng(0)
     names = list(shapes.PALETTE)
     for _ in range(20):
@@ -154,7 +154,7 @@ def test_checker_catches_wrong_place():
         rel, _ = p.metadata["include"][1]["position"]
         ref, obj = scene  # sample_scene keeps clause order: the reference object first
         cells = [c for c in shapes.free_cells(scene)
-                 if rel not in judge.relative_position(obj.replace(row=c[0], col=c[1]).box, ref.box)]
+                 if rel not in geneval.relative_position(obj.replace(row=c[0], col=c[1]).box, ref.box)]
         moved = obj.replace(row=cells[0][0], col=cells[0][1])
         ok, reason = detect.check_image(shapes.render((ref, moved)), p)
         assert not ok
@@ -197,11 +197,11 @@ def test_geneval_ignores_unrequested_classes_but_partial_check_does_not():
     assert [(v.kind, v.obj) for v in violations] == [("extra", scene[1])] and missing == []
 
 
-# ---------------------------------------------------------------------- judge semantics
+# ------------------------------------------------------------------ rule engine semantics
 
 
 def test_relative_position():
-    rp = judge.relative_position
+    rp = geneval.relative_position
     assert rp((0, 0, 10, 10), (20, 0, 30, 10)) == {"left of"}
     assert rp((20, 0, 30, 10), (0, 0, 10, 10)) == {"right of"}
     assert rp((0, 0, 10, 10), (0, 20, 10, 30)) == {"above"}
@@ -222,47 +222,47 @@ def _det(cls, x, y=0.0, color=None, score=1.0, s=10.0):
 
 def test_evaluate_counting_include_and_exclude():
     meta = {"include": [{"class": "cup", "count": 2}], "exclude": [{"class": "cup", "count": 3}]}
-    assert judge.evaluate_detections([_det("cup", 0), _det("cup", 20)], meta) == (True, "")
-    ok, reason = judge.evaluate_detections([_det("cup", 0)], meta)
+    assert geneval.evaluate_detections([_det("cup", 0), _det("cup", 20)], meta) == (True, "")
+    ok, reason = geneval.evaluate_detections([_det("cup", 0)], meta)
     assert not ok and reason == "expected cup>=2, found 1"
-    ok, reason = judge.evaluate_detections([_det("cup", x) for x in (0, 20, 40)], meta)
+    ok, reason = geneval.evaluate_detections([_det("cup", x) for x in (0, 20, 40)], meta)
     assert not ok and reason == "expected cup<3, found 3"
-    assert judge.evaluate_detections([_det("cup", 0), _det("cup", 20), _det("dog", 40)], meta)[0]
+    assert geneval.evaluate_detections([_det("cup", 0), _det("cup", 20), _det("dog", 40)], meta)[0]
 
 
 def test_evaluate_colour_checks_first_count_by_confidence():
     meta = {"include": [{"class": "car", "count": 2, "color": "red"}]}
     dets = [_det("car", 0, color="red", score=0.9), _det("car", 20, color="blue", score=0.8),
             _det("car", 40, color="red", score=0.7)]
-    ok, reason = judge.evaluate_detections(dets, meta)
+    ok, reason = geneval.evaluate_detections(dets, meta)
     assert not ok and reason.startswith("expected red car>=2, found 1 red")
     dets[2] = _det("car", 40, color="red", score=0.85)  # now the two reds are the top two
-    assert judge.evaluate_detections(dets, meta) == (True, "")
+    assert geneval.evaluate_detections(dets, meta) == (True, "")
 
 
 def test_evaluate_position_and_no_target():
     meta = {"include": [{"class": "dog", "count": 1},
                         {"class": "cat", "count": 1, "position": ["left of", 0]}]}
-    assert judge.evaluate_detections([_det("dog", 50), _det("cat", 0)], meta)[0]
-    ok, reason = judge.evaluate_detections([_det("dog", 0), _det("cat", 50)], meta)
+    assert geneval.evaluate_detections([_det("dog", 50), _det("cat", 0)], meta)[0]
+    ok, reason = geneval.evaluate_detections([_det("dog", 0), _det("cat", 50)], meta)
     assert not ok and reason == "expected cat left of target, found right of"
-    ok, reason = judge.evaluate_detections([_det("cat", 0)], meta)
+    ok, reason = geneval.evaluate_detections([_det("cat", 0)], meta)
     assert not ok and reason.split("\n") == ["expected dog>=1, found 0",
                                              "no target for cat to be left of"]
     # A colour failure of the target also leaves "no target".
     meta_c = {"include": [{"class": "dog", "count": 1, "color": "red"},
                           {"class": "cat", "count": 1, "position": ["left of", 0]}]}
-    ok, reason = judge.evaluate_detections([_det("dog", 50, color="blue"), _det("cat", 0)], meta_c)
+    ok, reason = geneval.evaluate_detections([_det("dog", 50, color="blue"), _det("cat", 0)], meta_c)
     assert not ok and "no target for cat to be left of" in reason
     with pytest.raises(ValueError):
-        judge.evaluate_detections([_det("cat", 0)], {"include": [
+        geneval.evaluate_detections([_det("cat", 0)], {"include": [
             {"class": "cat", "count": 1, "position": ["left of", 0]}]})
 
 
 def test_summarize_is_mean_over_tags():
-    s = judge.summarize([("a", True), ("a", False), ("b", True)])
+    s = geneval.summarize([("a", True), ("a", False), ("b", True)])
     assert s == {"a": 0.5, "b": 1.0, "overall": 0.75}  # not 2/3: tags weigh equally
-    assert math.isnan(judge.summarize([])["overall"])
+    assert math.isnan(geneval.summarize([])["overall"])
 
 
 # --------------------------------------------------------------- real GenEval metadata
@@ -303,14 +303,14 @@ def test_geneval_metadata():
     for p in ps:
         groups = _perfect_detections(p.metadata)
         flat = [d for g in groups for d in g]
-        ok, reason = judge.evaluate_detections(flat, p.metadata)
+        ok, reason = geneval.evaluate_detections(flat, p.metadata)
         assert ok, (p.text, reason)
         for i, g in enumerate(groups):  # drop one object of each clause in turn
             cls = p.metadata["include"][i]["class"]
-            ok, reason = judge.evaluate_detections([d for d in flat if d is not g[-1]], p.metadata)
+            ok, reason = geneval.evaluate_detections([d for d in flat if d is not g[-1]], p.metadata)
             assert not ok and f"expected {cls}>=" in reason, (p.text, i)
         if p.tag == "counting":  # one more than asked trips the exclude clause
-            ok, _ = judge.evaluate_detections(flat + [_det(flat[0].cls, -500)], p.metadata)
+            ok, _ = geneval.evaluate_detections(flat + [_det(flat[0].cls, -500)], p.metadata)
             assert not ok
     assert sum(p.tag == "counting" and "exclude" in p.metadata for p in ps) == 80
 

@@ -8,8 +8,10 @@ import jax
 import numpy as np
 import pytest
 
-from configs import shapes_tiny
+from strokes_jax.configs import shapes_tiny
 from strokes_jax.train import loop
+
+pytestmark = pytest.mark.slow
 
 
 def _config(**train):
@@ -143,14 +145,14 @@ def test_main_job_end_to_end(tmp_path):
     for tag in during:
         assert [e.step for e in acc.Tensors(tag)] == [4, 8]
     assert any(t.startswith("filmstrips/") for t in images)
-    assert res["train"]["tb_image_seconds"] > 0
+    assert res["train"]["hook_seconds"] > 0
 
 
 def test_phase_two_starts_from_phase_one_and_mixes_in_an_extra_split(tmp_path, sources):
-    from strokes_jax.data import self_critique, trajectories
+    from strokes_jax.episodes import mixer, self_critique
 
     phase1, _ = loop.train(_config(steps=2, checkpoint_every=1), str(tmp_path / "p1"), sources)
-    eps = list(trajectories.generate_episodes(9, 8, {"additive": 1.0}))
+    eps = list(mixer.generate_episodes(9, 8, {"additive": 1.0}))
     for e in eps:
         for s in e.steps:
             s.sketch_target = False  # as self-sampled critiques are

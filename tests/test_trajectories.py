@@ -10,10 +10,10 @@ import collections
 import numpy as np
 import pytest
 
-from strokes_jax import episode as ep
-from strokes_jax import tokenizer as T
-from strokes_jax.data import critique as cr
-from strokes_jax.data import trajectories as tr
+from strokes_jax.episodes import episode as ep
+from strokes_jax.sequence import tokenizer as T
+from strokes_jax.episodes import critique as cr
+from strokes_jax.episodes import mixer, trajectories as tr
 from strokes_jax.worlds import grammar, prompts, shapes
 
 SEEDS = range(40)
@@ -143,11 +143,11 @@ def test_random_critique_episodes_cover_all_kinds():
 
 
 def test_generate_episodes_is_deterministic_and_valid():
-    a = [e.to_bytes() for e in tr.generate_episodes(7, 60, MIX)]
-    b = [e.to_bytes() for e in tr.generate_episodes(7, 60, MIX)]
-    c = [e.to_bytes() for e in tr.generate_episodes(7, 15, MIX)]
+    a = [e.to_bytes() for e in mixer.generate_episodes(7, 60, MIX)]
+    b = [e.to_bytes() for e in mixer.generate_episodes(7, 60, MIX)]
+    c = [e.to_bytes() for e in mixer.generate_episodes(7, 15, MIX)]
     assert a == b and a[:15] == c
-    assert a != [e.to_bytes() for e in tr.generate_episodes(8, 60, MIX)]
+    assert a != [e.to_bytes() for e in mixer.generate_episodes(8, 60, MIX)]
 
     tok = T.EpisodeTokenizer(T.Tokenizer.shapes(), tr.IMAGE_SHAPE, 6)
     images, kinds = collections.defaultdict(list), collections.Counter()
@@ -162,7 +162,7 @@ def test_generate_episodes_is_deterministic_and_valid():
         final, _ = replay(e)
         assert prompts.check_scene(final, prompts.Prompt(e.prompt, e.tag, e.metadata))[0]
         images[e.kind].append(len(e.images()))
-    assert set(kinds) == set(tr.MIX_KEYS), kinds
+    assert set(kinds) == set(mixer.MIX_KEYS), kinds
     mean = np.mean([n for v in images.values() for n in v])
     print(f"mean images per planned episode {mean:.2f}; per kind "
           f"{ {k: round(float(np.mean(v)), 2) for k, v in images.items()} }")
@@ -170,8 +170,8 @@ def test_generate_episodes_is_deterministic_and_valid():
 
 
 def test_mix_selects_kinds_and_rejects_bad_keys():
-    eps = list(tr.generate_episodes(3, 12, {"critique": 1.0}))
+    eps = list(mixer.generate_episodes(3, 12, {"critique": 1.0}))
     assert {e.kind for e in eps} == {"critique"}
     assert [e.id for e in eps[:2]] == ["3-0", "3-1"]
     with pytest.raises(ValueError):
-        next(tr.generate_episodes(3, 1, {"self_critique": 1.0}))
+        next(mixer.generate_episodes(3, 1, {"self_critique": 1.0}))

@@ -1,4 +1,4 @@
-"""BAGEL's noisy / clean / ViT packing (tokenizer.py `vit_patch`): the layout around each ViT
+"""BAGEL's noisy / clean / ViT packing (sequence/tokenizer.py `vit_patch`): the layout around each ViT
 copy, the attention it gets, the packer carrying its fields, and a jitted train step that
 feeds the vision tower. Shapes-world images (36x36) with 9x9 ViT patches (4x4 per image) on a
 5x5 position table, so row * max_side + col differs from a plain token index."""
@@ -9,15 +9,16 @@ import jax
 import numpy as np
 import pytest
 
-from configs import shapes_tiny
-from strokes_jax import episode as ep
-from strokes_jax import tokenizer as tk
+from strokes_jax.configs import shapes_tiny
+from strokes_jax.episodes import episode as ep
+from strokes_jax.sequence import tokenizer as tk
 from strokes_jax.data import pipeline as pl
-from strokes_jax.model import attention, unified
+from strokes_jax.model import attention
 from strokes_jax.train import loop
 from strokes_jax.train import step as sp
 from strokes_jax.worlds import shapes
 from strokes_jax.worlds.shapes import Obj
+from strokes_jax.sequence import layout
 
 IMAGE_SHAPE, PATCH = (shapes.CANVAS, shapes.CANVAS, 3), 6
 VIT_PATCH, MAX_SIDE = 9, 5
@@ -48,11 +49,7 @@ def make_episode(i: int = 0, context_sketch: bool = False) -> ep.Episode:
 
 def vit_blocks(out):
     """Block ids of the ViT copies, in order."""
-    return sorted(set(out["blocks"][out["types"] == tk.VIT].tolist()))
-
-
-def test_vit_type_matches_the_model():
-    assert tk.VIT == unified.VIT
+    return sorted(set(out["blocks"][out["types"] == layout.VIT].tolist()))
 
 
 def test_layout_around_each_vit_copy(etoks):
@@ -71,12 +68,12 @@ def test_layout_around_each_vit_copy(etoks):
             vs, vit, ve = idx[0], idx[1:-1], idx[-1]
             # <|vision_start|> [ViT] <|vision_end|>, right after the clean copy's <|vision_end|>.
             assert (np.diff(idx) == 1).all() and len(vit) == VIT_N
-            assert out["tokens"][vs] == etok.tok.vision_start and out["types"][vs] == tk.TEXT
-            assert out["tokens"][ve] == etok.tok.vision_end and out["types"][ve] == tk.TEXT
-            assert (out["types"][vit] == tk.VIT).all()
+            assert out["tokens"][vs] == etok.tok.vision_start and out["types"][vs] == layout.TEXT
+            assert out["tokens"][ve] == etok.tok.vision_end and out["types"][ve] == layout.TEXT
+            assert (out["types"][vit] == layout.VIT).all()
             clean_end = vs - 1
             assert out["tokens"][clean_end] == etok.tok.vision_end
-            assert out["blocks"][clean_end] == b - 1 and (out["types"][out["blocks"] == b - 1] != tk.NOISY).all()
+            assert out["blocks"][clean_end] == b - 1 and (out["types"][out["blocks"] == b - 1] != layout.NOISY).all()
             # BAGEL: clean (and noisy) copy at r, the ViT copy at r + 1, the next token r + 2.
             pos = out["positions"][clean_end]
             assert (out["positions"][out["blocks"] == b - 1] == pos).all()
@@ -95,7 +92,7 @@ def test_layout_around_each_vit_copy(etoks):
             assert out["targets"][ve] == out["tokens"][ve + 1] > 0
             assert out["target_stages"][ve] == out["stages"][ve + 1]
         # Nothing but ViT tokens carries ViT fields.
-        other = out["types"] != tk.VIT
+        other = out["types"] != layout.VIT
         assert (out["vit_patches"][other] == 0).all() and (out["vit_pos"][other] == 0).all()
 
 
@@ -107,7 +104,7 @@ def test_without_vit_copies_the_layout_is_the_default(etoks):
     for context in (False, True):
         e = make_episode(5, context_sketch=context)
         a, b = plain(e), etok(e)
-        assert set(a) == set(tk.FIELDS) | {"patches"}
+        assert set(a) == set(layout.TOKEN_FIELDS) | {"patches"}
         keep = ~np.isin(b["blocks"], vit_blocks(b))
         assert len(a["tokens"]) + len(vit_blocks(b)) * (VIT_N + 2) == len(b["tokens"])
         for k in ("tokens", "types", "stages", "patch_pos", "patches"):
@@ -138,8 +135,8 @@ def test_mask_later_tokens_see_clean_and_vit_copies_not_noisy(etoks):
     clean = blocks == vit_b - 1
     noisy = blocks == vit_b - 2
     vit = blocks == vit_b
-    assert (types[noisy] == tk.NOISY).all() and (types[clean] == tk.CLEAN).sum() == etok.num_patches
-    later = np.nonzero((types == tk.TEXT) & (blocks == 0) & (np.arange(n) > np.nonzero(vit)[0][-1]))[0][0]
+    assert (types[noisy] == layout.NOISY).all() and (types[clean] == layout.CLEAN).sum() == etok.num_patches
+    later = np.nonzero((types == layout.TEXT) & (blocks == 0) & (np.arange(n) > np.nonzero(vit)[0][-1]))[0][0]
     assert out["tokens"][later] == etok.tok.im_start  # the inspection opens
     assert mask[later][clean].all() and mask[later][vit].all()
     assert not mask[later][noisy].any()
@@ -176,7 +173,7 @@ def test_packer_carries_vit_fields(etoks):
         by_id[etok(e)["tokens"].tobytes() + etok(e)["patches"].tobytes()] = etok(e)
     found, padded_rows = 0, 0
     for b in batches:
-        assert set(b) == set(pl.ROW_FIELDS) | set(tk.VIT_FIELDS)
+        assert set(b) == set(layout.ROW_FIELDS) | set(layout.VIT_FIELDS)
         assert b["vit_patches"].shape == (rows, seq_len, dim) and b["vit_patches"].dtype == np.uint8
         assert b["vit_pos"].shape == (rows, seq_len) and b["vit_pos"].dtype == np.int32
         for r in range(rows):
@@ -190,7 +187,7 @@ def test_packer_carries_vit_fields(etoks):
                 orig = by_id[row["tokens"][idx].tobytes() + row["patches"][idx].tobytes()]
                 np.testing.assert_array_equal(row["vit_patches"][idx], orig["vit_patches"])
                 np.testing.assert_array_equal(row["vit_pos"][idx], orig["vit_pos"])
-                ids = set(row["blocks"][idx][row["types"][idx] == tk.VIT].tolist())
+                ids = set(row["blocks"][idx][row["types"][idx] == layout.VIT].tolist())
                 assert len(ids) == 2 and not ids & image_ids  # the ViT groups images by block
                 image_ids |= ids
                 found += 1
@@ -215,6 +212,7 @@ def _vit_config():
     return c
 
 
+@pytest.mark.slow
 def test_jitted_train_step_trains_the_vision_tower():
     c = _vit_config()
     s = loop.setup(c)
@@ -224,8 +222,8 @@ def test_jitted_train_step_trains_the_vision_tower():
                             global_batch_size=c.data.batch_size, seed=0, num_threads=1,
                             prefetch=2, process_index=0, process_count=1)
     batch = loop._batch(next(it), s.mesh)
-    assert set(batch) == set(sp.BATCH_KEYS) | set(sp.VIT_KEYS)
-    n_vit = int((np.asarray(batch["types"]) == tk.VIT).sum())
+    assert set(batch) == set(layout.ROW_FIELDS) | set(layout.VIT_FIELDS)
+    n_vit = int((np.asarray(batch["types"]) == layout.VIT).sum())
     assert n_vit > 0 and n_vit % VIT_N == 0
     lc = sp.LossConfig.from_config(c)
 
@@ -236,7 +234,7 @@ def test_jitted_train_step_trains_the_vision_tower():
                                    grads_fn(s.state.params, batch))
     flat = jax.tree_util.tree_flatten_with_path(norms)[0]
     assert flat and all(np.isfinite(v) and v > 0 for _, v in flat), flat
-    no_vit = {k: v for k, v in batch.items() if k not in sp.VIT_KEYS}
+    no_vit = {k: v for k, v in batch.items() if k not in layout.VIT_FIELDS}
     zero = jax.tree_util.tree_leaves(grads_fn(s.state.params, no_vit))
     assert all(not np.asarray(g).any() for g in zero)
 

@@ -1,4 +1,4 @@
-"""BAGEL-7B-MoT checkpoint -> Flax params: the key maps (PAPER.md section 6 names) and the
+"""BAGEL-7B-MoT checkpoint -> Flax params: the key maps (BAGEL's tensor names) and the
 conversion job (`ema.safetensors` + `ae.safetensors` -> one Orbax checkpoint).
 
 The maps produce the unscanned layout (`decoder/layer_{i}/...`); a scanned model stacks
@@ -318,8 +318,8 @@ def convert_bagel(ema: str, ae: str, out_dir: str, cfg: ModelConfig, ae_cfg: AEC
     out_dir = os.path.abspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "params")
-    # As CPU jax arrays (zero-copy from numpy): Orbax then skips one of its host copies
-    # (peak 2.0x instead of 2.5x the output; results/convert_memory_cpu.json).
+    # As CPU jax arrays (zero-copy from numpy): Orbax then skips one of its host copies,
+    # which lowers the save's peak host memory (`python -m strokes_jax bench-convert`).
     import jax
     cpu = jax.devices("cpu")[0]
     tree = jax.tree_util.tree_map(lambda x: jax.device_put(x, cpu), {"model": model, "vae": vae})
@@ -328,7 +328,7 @@ def convert_bagel(ema: str, ae: str, out_dir: str, cfg: ModelConfig, ae_cfg: AEC
     ckpt.save(path, tree)
     ckpt.wait_until_finished()
     if tokenizer:
-        from strokes_jax.qwen_tokenizer import QwenTokenizer
+        from strokes_jax.sequence.qwen import QwenTokenizer
         QwenTokenizer.from_file(tokenizer, model_vocab=cfg.vocab_size).save(
             os.path.join(out_dir, "tokenizer.json"))
     meta = dict(ema=os.path.abspath(ema), ae=os.path.abspath(ae), tokenizer=tokenizer,

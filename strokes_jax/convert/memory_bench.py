@@ -2,23 +2,22 @@
 
 The converter reads one tensor at a time and writes the scanned layout into pre-allocated
 stacks, so its peak should be about one copy of the output plus one tensor, not the source
-plus the output. This measures it at a size where that difference is visible (the real 14B
-checkpoint is not reachable from this machine):
+plus the output. This measures it at a size where that difference is visible, without the
+real 14B checkpoint:
 
-  python -m strokes_jax.convert.memory_bench --width 1024 --depth 16 --mlp 4096 \\
+  python -m strokes_jax bench-convert --width 1024 --depth 16 --mlp 4096 \\
       --vocab 32768 --out results/convert_memory_cpu.json
 
 The checkpoint is written in bfloat16 with the real key names (the key map's inverse: every
-rule's source name and shape), then converted to float32 in a fresh process whose peak anonymous memory (RssAnon,
-sampled every 20 ms; getrusage's peak would include the parent's, inherited through
+rule's source name and shape), then converted to float32 in a fresh process whose peak
+anonymous memory (RssAnon, sampled every 20 ms; getrusage's peak would include the parent's, inherited through
 fork + exec) is compared with its value after imports. The safetensors file is mmapped, so
 its pages show up as RssFile (reported separately), which the kernel can drop.
 
-Measured (results/convert_memory_cpu.json, 557M params, 1.06 GB bf16 -> 2.13 GB fp32):
-the key-map stage peaks at ~1.1x the output (one tensor in flight); Orbax's save then
-holds a second copy, so the whole command peaks at ~2.0x the output (2.5x before the
-params were handed to Orbax as zero-copy CPU jax arrays). A 14B checkpoint in float32
-would need ~115 GB of host memory, ~57 GB with `--dtype keep` (bfloat16).
+The key-map stage should peak at about one output plus the tensor in flight; Orbax's save
+then holds a second copy (the params are handed to it as zero-copy CPU jax arrays, so not a
+third), so the whole command peaks at about twice the output: for a 14B checkpoint about
+115 GB of host memory in float32, about 57 GB with `--dtype keep` (bfloat16).
 """
 
 from __future__ import annotations
@@ -32,8 +31,8 @@ import time
 
 
 def _config(width: int, depth: int, mlp: int, vocab: int, heads: int):
-    from configs import bagel7b_process
-    from strokes_jax.convert.__main__ import configs_of
+    from strokes_jax.configs import bagel7b_process
+    from strokes_jax.convert.cli import configs_of
     c = bagel7b_process.get_config("test")
     c.model.update(width=width, depth=depth, mlp=mlp, vocab_size=vocab, heads=heads,
                    kv_heads=max(1, heads // 4), head_dim=width // heads)
@@ -114,7 +113,7 @@ def _convert_child(args, q):
 
 
 def run(width: int, depth: int, mlp: int, vocab: int, heads: int) -> dict:
-    from strokes_jax.evaluate import report
+    from strokes_jax import provenance
     from strokes_jax.model.counts import param_counts
     cfg, ae_cfg = _config(width, depth, mlp, vocab, heads)
     with tempfile.TemporaryDirectory() as d:
@@ -133,16 +132,16 @@ def run(width: int, depth: int, mlp: int, vocab: int, heads: int) -> dict:
     counts = param_counts(cfg, ae_cfg)
     out_mb = src_mb * 2  # bfloat16 source -> float32 params
     anon = res["peak_anon_mb"] - res["anon_after_imports_mb"]
-    return {"bench": "convert_memory", "commit": report.git_commit(),
-            "device": report.device_info(),
+    return {"bench": "convert_memory", "commit": provenance.git_commit(),
+            "device": provenance.device_info(),
             "config": dict(width=width, depth=depth, mlp=mlp, vocab=vocab, heads=heads),
             "params": counts, "source_mb_bf16": src_mb, "output_mb_f32": out_mb, **res,
             "conversion_anon_growth_mb": anon, "anon_growth_over_output": anon / out_mb,
             "anon_growth_over_source_plus_output": anon / (src_mb + out_mb)}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m strokes_jax.convert.memory_bench")
+def main(argv=None, prog: str = "python -m strokes_jax bench-convert") -> int:
+    ap = argparse.ArgumentParser(prog=prog)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--depth", type=int, default=16)
     ap.add_argument("--mlp", type=int, default=4096)
@@ -158,7 +157,3 @@ def main(argv=None) -> int:
         with open(a.out, "w") as f:
             f.write(text + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

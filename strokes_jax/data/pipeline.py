@@ -28,12 +28,12 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from strokes_jax import episode as ep
-from strokes_jax import tokenizer as tk
+from strokes_jax.episodes import episode as ep
+from strokes_jax.sequence import tokenizer as tk
+from strokes_jax.sequence import layout
 
 log = logging.getLogger(__name__)
 
-ROW_FIELDS = tk.FIELDS + ("patches", "segment_ids")  # + tk.VIT_FIELDS with the ViT copy
 
 
 class TooManyBadRecords(RuntimeError):
@@ -176,16 +176,16 @@ class _Row:
 
     def finish(self, seq_len: int, pad_id: int, patch_dim: int,
                vit_patch_dim: int | None = None) -> dict[str, np.ndarray]:
-        """The packed row; with `vit_patch_dim`, also the ViT copy's fields (tk.VIT_FIELDS),
+        """The packed row; with `vit_patch_dim`, also the ViT copy's fields (layout.VIT_FIELDS),
         zero on padding and outside ViT tokens."""
-        out = {k: np.zeros((seq_len,), np.int32) for k in tk.FIELDS + ("segment_ids",)}
+        out = {k: np.zeros((seq_len,), np.int32) for k in layout.TOKEN_FIELDS + ("segment_ids",)}
         out["tokens"][:] = pad_id
         out["patches"] = np.zeros((seq_len, patch_dim), np.uint8)
-        fields = tk.FIELDS
+        fields = layout.TOKEN_FIELDS
         if vit_patch_dim is not None:
             out["vit_patches"] = np.zeros((seq_len, vit_patch_dim), np.uint8)
             out["vit_pos"] = np.zeros((seq_len,), np.int32)
-            fields = tk.FIELDS + tk.VIT_FIELDS
+            fields = layout.TOKEN_FIELDS + layout.VIT_FIELDS
         at, block_base = 0, 0
         for seg, part in enumerate(self.parts, start=1):
             n = len(part["tokens"])

@@ -1,7 +1,7 @@
 """How well the model inspects its own steps: every <inspect> verdict of the process-driven
 samples against the exact checker's verdict on the same step.
 
-Truth per step (the same rules as self-sampled critiques, data/self_critique.py):
+Truth per step (worlds/checker.py, the same rules as self-sampled critiques):
   plan side   the step's scene description contradicts the prompt (prompts.partial_check);
   image side  the detected drawing differs from the description.
 A step is right when both sides are. The model's verdict is right on the ok / wrong call when
@@ -17,23 +17,7 @@ from __future__ import annotations
 import collections
 from typing import Sequence
 
-from strokes_jax.data import self_critique as sc
-from strokes_jax.worlds import grammar, prompts
-from strokes_jax.worlds.grammar import Verdict
-
-
-def expected_verdict(step, prompt: prompts.Prompt) -> tuple[str, Verdict | None]:
-    """('ok' | 'plan_wrong' | 'image_wrong' | skip reason, the checker's verdict where it can
-    name one)."""
-    try:
-        planned = grammar.parse_description(step.des)
-    except grammar.GrammarError:
-        return "unparseable_plan", None
-    drawn = sc.drawn_scene(step.sketch)
-    if drawn is None:
-        return "undetectable", None
-    side, verdict, _, _ = sc.check_step(planned, drawn, prompt)
-    return ("ok" if side == "ok" else f"{side}_wrong"), verdict
+from strokes_jax.worlds import checker, grammar, prompts
 
 
 def confusion(samples: Sequence, bench: Sequence[prompts.Prompt]) -> dict:
@@ -48,7 +32,7 @@ def confusion(samples: Sequence, bench: Sequence[prompts.Prompt]) -> dict:
         for step in e.steps:
             if step.inspect is None or step.sketch is None:
                 continue
-            truth, want = expected_verdict(step, prompt)
+            truth, want = checker.expected_verdict(step, prompt)
             if truth not in ("ok", "plan_wrong", "image_wrong"):
                 n[truth] += 1
                 continue

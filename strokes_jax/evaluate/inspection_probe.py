@@ -25,11 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from strokes_jax import episode as ep
-from strokes_jax.data import critique, pipeline, self_critique, trajectories as tr
+from strokes_jax.episodes import episode as ep
+from strokes_jax.data import pipeline
+from strokes_jax.episodes import critique, trajectories as tr
 from strokes_jax.evaluate import inspection, shapes_bench
-from strokes_jax.train.step import batch_keys, to_latents, vit_inputs
-from strokes_jax.worlds import grammar, prompts, shapes
+from strokes_jax.sequence.layout import batch_keys
+from strokes_jax.train.step import to_latents, vit_inputs
+from strokes_jax.worlds import checker, grammar, prompts, shapes
 
 POSITIVE = "positive"
 
@@ -78,7 +80,7 @@ def own_trace_items(samples, bench: Sequence[prompts.Prompt], rerender: bool = F
                 break
             sketch = step.sketch
             if rerender:
-                sketch = shapes.render(self_critique.drawn_scene(step.sketch))
+                sketch = shapes.render(checker.drawn_scene(step.sketch))
             steps.append(ep.Step(sketch=sketch, ins=step.ins, des=step.des,
                                  inspect=(verdict or grammar.Verdict()).text(),
                                  sketch_target=False))

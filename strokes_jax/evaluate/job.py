@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -9,25 +10,35 @@ import time
 
 from clu import metric_writers
 
-from strokes_jax.data import self_critique as sc
+from strokes_jax.episodes import self_critique as sc
+from strokes_jax import provenance
 from strokes_jax.evaluate import inspection, inspection_probe, report, shapes_bench
-from strokes_jax.generate import Generator
+from strokes_jax.inference.generator import Generator, SamplingOptions
 
 
-def make_generator(setup, config, seed: int = 0) -> Generator:
-    """eval.kv_cache: the cached generator (prefill once, decode from the cache; same outputs,
-    several times faster), with BAGEL's text / image CFG when eval.cfg_text_scale / eval.cfg_img_scale != 1."""
+def sampling_options(config) -> SamplingOptions:
+    """The evaluation's sampling: flow.sample_steps / sample_shift, the eval caps, and BAGEL's
+    text / image CFG when eval.cfg_text_scale / eval.cfg_img_scale != 1."""
     ec = config.eval
-    kw = dict(max_len=config.data.seq_len, flow_steps=config.flow["sample_steps"],
-              shift=config.flow["sample_shift"], max_iterations=ec.max_iterations,
-              max_text_tokens=ec.max_text_tokens, seed=seed)
-    if ec.get("kv_cache", False):
-        from strokes_jax.generate_cached import CachedGenerator
-        return CachedGenerator(setup.model, setup.state.eval_params(), setup.etok,
-                               cfg_text_scale=float(ec.get("cfg_text_scale", 1.0)),
-                               cfg_img_scale=float(ec.get("cfg_img_scale", 1.0)),
-                               cfg_interval=tuple(ec.get("cfg_interval", (0.4, 1.0))), **kw)
-    return Generator(setup.model, setup.state.eval_params(), setup.etok, **kw)
+    return SamplingOptions(
+        flow_steps=int(config.flow["sample_steps"]), shift=float(config.flow["sample_shift"]),
+        max_iterations=int(ec.max_iterations), max_text_tokens=int(ec.max_text_tokens),
+        cfg_text_scale=float(ec.cfg_text_scale), cfg_img_scale=float(ec.cfg_img_scale),
+        cfg_interval=tuple(float(t) for t in ec.cfg_interval), cfg_renorm=str(ec.cfg_renorm))
+
+
+def make_generator(setup, config, seed: int = 0, *, bind_params: bool = True) -> Generator:
+    """A generator with sampling_options(config). eval.kv_cache: the KV-cache backend (prefill
+    once, decode from the cache; same outputs, several times faster, and the only one with
+    CFG). bind_params=False leaves the parameters to each call, for a caller whose parameters
+    change between calls (no stale copy is kept alive)."""
+    if config.eval.kv_cache:
+        from strokes_jax.inference.kv_cache import KVCacheBackend as backend
+    else:
+        from strokes_jax.inference.uncached import UncachedBackend as backend
+    return Generator(backend(setup.model, setup.etok, max_len=config.data.seq_len),
+                     setup.state.eval_params() if bind_params else None,
+                     options=sampling_options(config), seed=seed)
 
 
 def _to_tensorboard(workdir: str, payload: dict, filmstrips: dict) -> None:
@@ -49,13 +60,13 @@ def self_critique(setup, config, workdir: str) -> dict:
     t0 = time.time()
     prompts = sc.training_prompts(c.seed, c.num_prompts)
     gen = make_generator(setup, config, c.seed)
-    gen.text_temperature = float(c.get("text_temperature", 0.0))
+    options = dataclasses.replace(gen.options, text_temperature=float(c.text_temperature))
     episodes, counts = sc.sample_and_critique(gen, prompts, config.eval.batch_size,
-                                              f"self{c.seed}")
+                                              f"self{c.seed}", options=options)
     path = os.path.join(out_dir, "episodes.array_record")
     sc.write_array_record(episodes, path)
     stats = {"path": path, "episodes": len(episodes), "outcomes": counts,
-             "prompts": len(prompts), "text_temperature": gen.text_temperature,
+             "prompts": len(prompts), "text_temperature": options.text_temperature,
              "seconds": time.time() - t0}
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
@@ -82,12 +93,12 @@ def run(setup, config, workdir: str, config_name: str, train_summary: dict | Non
         timings[f"generate_{mode}"] = secs
         logging.info("%s: %s", mode, results[mode]["scores"])
     # Test-time scaling: the same prompts with a tighter cap on iterations (accuracy vs NFE).
-    for cap in (ec.get("iteration_caps", ()) if "process" in modes else ()):
-        gen.max_iterations = int(cap)
-        s, secs = shapes_bench.run(gen, bench, ec.images_per_prompt, "process", ec.batch_size)
+    for cap in (ec.iteration_caps if "process" in modes else ()):
+        capped = dataclasses.replace(gen.options, max_iterations=int(cap))
+        s, secs = shapes_bench.run(gen, bench, ec.images_per_prompt, "process", ec.batch_size,
+                                   options=capped)
         results[f"process@cap{cap}"] = _summarize(s, bench)
         timings[f"generate_process_cap{cap}"] = secs
-    gen.max_iterations = ec.max_iterations
     if "process" in modes:  # inspection on exactly rendered errors, not only the model's own
         t0 = time.time()
         items = inspection_probe.probe_episodes(ec.seed, ec.prompts_per_tag)
@@ -105,7 +116,7 @@ def run(setup, config, workdir: str, config_name: str, train_summary: dict | Non
             strips.append((f"{k:02d}_{smp.tag}_{mode} {verdict}", x.prompt, x.result.text,
                            x.result.images))
     payload = {
-        "commit": report.git_commit(), "device": report.device_info(),
+        "commit": provenance.git_commit(), "device": provenance.device_info(),
         "config_name": config_name, "config": config.to_dict(),
         "bench": {"prompts": len(bench), "images_per_prompt": ec.images_per_prompt,
                   "flow_steps": config.flow["sample_steps"], "max_iterations": ec.max_iterations},

@@ -6,13 +6,10 @@ from __future__ import annotations
 import html
 import json
 import os
-import platform
 import re
-import subprocess
 import textwrap
 from typing import Sequence
 
-import jax
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -21,25 +18,6 @@ from strokes_jax.worlds import shapes
 
 SCALE = 4
 CAPTION_CHARS = 26
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True, cwd=os.path.dirname(__file__))
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, cwd=os.path.dirname(__file__)).stdout
-        return out.stdout.strip() + ("-dirty" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        # A copied tree without .git (a lent accelerator): the launcher names the commit.
-        return os.environ.get("STROKES_JAX_COMMIT", "unknown")
-
-
-def device_info() -> dict:
-    d = jax.devices()[0]
-    return {"platform": d.platform, "device_kind": d.device_kind, "device_count": jax.device_count(),
-            "process_count": jax.process_count(), "cpu_count": os.cpu_count(),
-            "machine": platform.machine()}
 
 
 def _clean(text: str) -> str:
@@ -58,8 +36,9 @@ def filmstrip(prompt: str, text: str, images: Sequence[np.ndarray], path: str | 
     font = ImageFont.load_default()
     side = shapes.CANVAS * SCALE
     panels = list(images) + ([None] if len(captions) > len(images) and captions[-1] else [])
-    lines = [textwrap.wrap(captions[i] if i < len(captions) else "", CAPTION_CHARS) for i in range(len(panels))]
-    cap_h = 12 * max([len(l) for l in lines] + [1]) + 8
+    lines = [textwrap.wrap(captions[i] if i < len(captions) else "", CAPTION_CHARS)
+             for i in range(len(panels))]
+    cap_h = 12 * max([len(c) for c in lines] + [1]) + 8
     width = max(1, len(panels)) * (side + 8) + 8
     canvas = Image.new("RGB", (max(width, 8 + 7 * len(title or prompt)), side + cap_h + 40), "white")
     draw = ImageDraw.Draw(canvas)
@@ -83,7 +62,8 @@ def filmstrip(prompt: str, text: str, images: Sequence[np.ndarray], path: str | 
 def score_table(results: dict[str, dict]) -> str:
     """Markdown table: one row per mode, GenEval's six tags, overall, NFE."""
     tags = list(shapes.TAGS)
-    head = "| mode | " + " | ".join(tags) + " | overall | NFE/image | NFE/sample | evals/sample | images/sample | well-formed |"
+    head = ("| mode | " + " | ".join(tags)
+            + " | overall | NFE/image | NFE/sample | evals/sample | images/sample | well-formed |")
     sep = "|" + "---|" * (len(tags) + 7)
     rows = [head, sep]
     for mode, r in results.items():
@@ -108,7 +88,8 @@ def write(workdir: str, payload: dict, strips: Sequence[tuple[str, str, str, Seq
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(payload, f, indent=1, default=str)
     tr = payload.get("train", {})
-    md = [f"# Shapes-GenEval report", "",
+    losses = tr.get("losses", [])
+    md = ["# Shapes-GenEval report", "",
           f"commit `{payload['commit']}`, config `{payload['config_name']}`, device "
           f"{payload['device']['device_kind']} x{payload['device']['device_count']} "
           f"({payload['device']['cpu_count']} CPU cores)", "",
@@ -123,7 +104,7 @@ def write(workdir: str, payload: dict, strips: Sequence[tuple[str, str, str, Seq
             for m, r in payload["results"].items() if r.get("inspection_probe")],
           f"Training: {tr.get('params', '?')} parameters, steps {tr.get('start_step', 0)} -> "
           f"{tr.get('end_step', '?')} in {tr.get('train_seconds', 0):.0f}s; "
-          f"loss by step: {', '.join(f'{s}:{l:.3f}' for s, l in tr.get('losses', [])[::max(1, len(tr.get('losses', [])) // 8)])}.",
+          f"loss by step: {', '.join(f'{s}:{v:.3f}' for s, v in losses[::max(1, len(losses) // 8)])}.",
           "", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in payload.get("timings", {}).items()),
           "", "## Filmstrips", ""]
     md += [f"![{n}]({n})" for n in names]

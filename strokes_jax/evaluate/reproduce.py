@@ -10,7 +10,7 @@ Rows (the paper's ablation ladder):
                      its own traces, the checker writes critiques, and phase 2 trains on the
                      mixture (phase 1 + phase 2 steps = the other rows' steps)
 
-  python -m strokes_jax reproduce --config configs/shapes_repro.py --workdir runs/repro
+  python -m strokes_jax reproduce --config shapes_repro --workdir runs/repro
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ import json
 import os
 import time
 
-from strokes_jax.evaluate import curve, inspection, inspection_probe, job, report, shapes_bench
+from strokes_jax import provenance
+from strokes_jax.evaluate import curve, inspection, inspection_probe, job, shapes_bench
+from strokes_jax.evaluate.train_images import TrainImages
 from strokes_jax.train import checkpoint as ckpt
 from strokes_jax.train import loop
 
@@ -36,12 +38,25 @@ def row_config(config, row: str):
     mixes = dict(config.reproduce.mixes)
     c.data.mix = dict(mixes["symbolic_critique" if row == "self_critique" else row])
     # Sparse MoT routing capacities depend on the row's mix (its share of image tokens).
-    per_row = dict(config.reproduce.get("sparse_routing", {}))
+    per_row = dict(config.reproduce.sparse_routing)
     if row in per_row:
         c.train.sparse_routing = tuple(per_row[row])
     if row != "self_critique":  # test-time scaling (accuracy vs iteration cap): full method
         c.eval.iteration_caps = ()
     return c
+
+
+def restored_rows(args, variant=None):
+    """For each ROW=WORKDIR[=LABEL] argument: (label, workdir, row config, setup, restore
+    info) with the newest checkpoint of WORKDIR restored, for analyses of finished rows.
+    `variant` is the shapes_repro variant whose evaluation settings apply (the model is the
+    same in every variant)."""
+    from strokes_jax.configs import shapes_repro
+    for arg in args:
+        row, wd, *label = arg.split("=")
+        c = row_config(shapes_repro.get_config(variant), row)
+        setup, info = loop.restore_for_eval(c, wd)
+        yield (label[0] if label else row), wd, c, setup, info
 
 
 class Preempted(RuntimeError):
@@ -50,7 +65,7 @@ class Preempted(RuntimeError):
 
 
 def _train(c, workdir: str):
-    setup, summary = loop.train(c, workdir)
+    setup, summary = loop.train(c, workdir, eval_hooks=[TrainImages(c)])
     if summary["preempted"]:
         raise Preempted(f"training in {workdir} was preempted at step {summary['end_step']}")
     return setup, summary
@@ -89,7 +104,7 @@ def _longer_single_pass(config, config_name: str, workdir: str, out: dict) -> No
     scratch, its own schedule), so the learning curve can say how much more training
     single-pass needs. They run after every row: a stopped run still has the whole table."""
     total = config.train.steps
-    for m in config.reproduce.get("single_pass_multiples", ()):
+    for m in config.reproduce.single_pass_multiples:
         cm = row_config(config, "single_pass")
         cm.train.steps = cm.optim.total_steps = int(round(m * total))
         cm.train.checkpoint_every = cm.train.steps
@@ -103,7 +118,7 @@ def _longer_single_pass(config, config_name: str, workdir: str, out: dict) -> No
 
 
 def _with_curve_checkpoints(c, config):
-    n = int(config.reproduce.get("curve_points", 0))
+    n = int(config.reproduce.curve_points)
     if n > 1:
         c.train.checkpoint_every = max(1, config.train.steps // n)
         c.train.keep_checkpoints = n + 1
@@ -112,7 +127,7 @@ def _with_curve_checkpoints(c, config):
 
 def selected_rows(config) -> tuple[str, ...]:
     """reproduce.rows (default: every row), in RUN_ORDER; an unknown name fails by key."""
-    rows = tuple(config.reproduce.get("rows", ()) or RUN_ORDER)
+    rows = tuple(config.reproduce.rows) or RUN_ORDER
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
         raise ValueError(f"config key reproduce.rows: unknown rows {unknown}; rows are {ROWS}")
@@ -159,8 +174,13 @@ def _earlier(workdir: str, config_name: str, total: int, rows) -> dict:
 
 def run(config, config_name: str, workdir: str, rows=None) -> dict:
     rows = selected_rows(config) if rows is None else rows
+    missing = [r for r in rows if ("symbolic_critique" if r == "self_critique" else r)
+               not in config.reproduce.mixes]
+    if missing:
+        raise ValueError(f"config key reproduce.mixes: no training mix for rows {missing} "
+                         f"(the ladder's mixes are in the shapes_repro config)")
     total, frac = config.train.steps, config.reproduce.phase2_fraction
-    out = {"config": config_name, "commit": report.git_commit(), "device": report.device_info(),
+    out = {"config": config_name, "commit": provenance.git_commit(), "device": provenance.device_info(),
            "steps_per_row": total, "rows": {}}
     out.update(_earlier(workdir, config_name, total, rows))
     sha = config_sha(config)

@@ -10,8 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from strokes_jax import judge
-from strokes_jax.generate import Generated, Generator
+from strokes_jax.worlds import geneval
+from strokes_jax.inference.generator import Generated, Generator, SamplingOptions
 from strokes_jax.worlds import detect, prompts, shapes
 
 MODES = ("single_pass", "process")
@@ -64,14 +64,17 @@ def score(result: Generated, prompt: prompts.Prompt) -> tuple[bool, str]:
 
 
 def run(generator: Generator, bench: Sequence[prompts.Prompt], images_per_prompt: int,
-        mode: str, batch_size: int) -> tuple[list[Sample], float]:
-    """Generate and score every (prompt, image index); returns samples and wall seconds."""
+        mode: str, batch_size: int, options: SamplingOptions | None = None
+        ) -> tuple[list[Sample], float]:
+    """Generate and score every (prompt, image index); returns samples and wall seconds.
+    `options`: the sampling of every call (None: the generator's own)."""
     jobs = [(p, k) for p in bench for k in range(images_per_prompt)]
     samples: list[Sample] = []
     t0 = time.time()
     for i in range(0, len(jobs), batch_size):
         chunk = jobs[i:i + batch_size]
-        for (p, k), r in zip(chunk, generator([p.text for p, _ in chunk], mode)):
+        results = generator([p.text for p, _ in chunk], mode, options=options)
+        for (p, k), r in zip(chunk, results):
             ok, why = score(r, p)
             samples.append(Sample(p.tag, p.text, mode, k, ok, why, r.nfe, r.nfe_evals,
                                   len(r.images), r.episode is not None, r.hit_cap, r.error, r))
@@ -79,7 +82,7 @@ def run(generator: Generator, bench: Sequence[prompts.Prompt], images_per_prompt
 
 
 def summarize(samples: Sequence[Sample]) -> dict:
-    scores = judge.summarize([(s.tag, s.correct) for s in samples])
+    scores = geneval.summarize([(s.tag, s.correct) for s in samples])
     n = max(len(samples), 1)
     return {"scores": scores,
             "images": len(samples),

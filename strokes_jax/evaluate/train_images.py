@@ -4,13 +4,12 @@ episode goes to TensorBoard as a filmstrip next to the loss curves.
 
 `train.tb_images` is the number of prompts (0 turns it off). The prompts, the seed and the
 noise are the same at every evaluation, so the strips show what training changed. The
-generator is built once and compiled once; later evaluations only swap its parameters in.
+generator is built once and compiled once; each evaluation passes it the current parameters.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 
 import jax
 import numpy as np
@@ -32,10 +31,12 @@ def prompts(n: int, seed: int):
 
 
 class TrainImages:
-    def __init__(self, setup, config):
-        self.setup, self.config = setup, config
+    """An eval hook for `train.loop.train`: hook(setup, step, writer)."""
+
+    def __init__(self, config):
+        self.config = config
         self.seed = int(config.eval.seed)
-        self.prompts = prompts(int(config.train.get("tb_images", 0)), self.seed)
+        self.prompts = prompts(int(config.train.tb_images), self.seed)
         if self.prompts and jax.process_count() > 1:
             # Generation runs on one host's copy of the parameters; a multi-host run would
             # need every process in each call.
@@ -43,22 +44,18 @@ class TrainImages:
             self.prompts = []
         self.gen = None
 
-    def __call__(self, step: int, writer) -> float:
-        """Write the filmstrips for `step`; returns the seconds it took (0 when off)."""
+    def __call__(self, setup, step: int, writer) -> None:
+        """Write the filmstrips of the current parameters for `step`."""
         if not self.prompts:
-            return 0.0
-        t0 = time.time()
+            return
         if self.gen is None:
-            self.gen = job.make_generator(self.setup, self.config, self.seed)
-        self.gen.params = self.setup.state.eval_params()
+            self.gen = job.make_generator(setup, self.config, self.seed, bind_params=False)
+        params = setup.state.eval_params()
         images = {}
         for mode in MODES:
-            self.gen.rng = np.random.default_rng(self.seed)  # the same noise every time
-            for i, (p, g) in enumerate(zip(self.prompts, self.gen([p.text for p in self.prompts],
-                                                                  mode))):
+            outs = self.gen([p.text for p in self.prompts], mode, params=params,
+                            rng=np.random.default_rng(self.seed))  # the same noise every time
+            for i, (p, g) in enumerate(zip(self.prompts, outs)):
                 strip = report.filmstrip(p.text, g.text, g.images, None, title=f"{mode} {p.tag}")
                 images[f"train_samples/{mode}/{i}_{p.tag}"] = strip[None]
-        if hasattr(self.gen, "cache"):
-            self.gen.cache = None  # the KV cache is reallocated per call; free it meanwhile
         writer.write_images(step, images)
-        return time.time() - t0

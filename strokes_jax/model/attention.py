@@ -1,6 +1,6 @@
 """BAGEL's generalized causal attention over packed interleaved sequences.
 
-Rules (PAPER.md section 6), per packed row:
+BAGEL's rules, per packed row:
   * tokens of different packed episodes (segment ids) never see each other;
   * text is causal;
   * each image copy (a "block") attends bidirectionally within itself and to what came before;
@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-NOISY = 1  # token type id of noisy latents (see tokenizer.py)
+from strokes_jax.sequence.layout import NOISY
 
 
 def generalized_causal_mask(segment_ids: jax.Array, blocks: jax.Array, types: jax.Array) -> jax.Array:

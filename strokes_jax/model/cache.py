@@ -7,7 +7,7 @@ of new tokens per row (padding marked invalid) and keeps a per-row prefix of it:
 
   * text tokens and clean image blocks (<|vision_start|> latents <|vision_end|>) are written;
   * a noisy block is run against the cache but not written, since nothing later may see it
-    (PAPER.md section 6: the cache keeps only clean latents, ViT and text tokens).
+    (as in BAGEL, the cache keeps only clean latents, ViT and text tokens).
 
 Writes are a scatter at lengths[b] + j for j < n_write[b]; other slab slots go to an
 out-of-range index and are dropped, so no slot past a row's length is ever touched.

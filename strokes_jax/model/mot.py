@@ -37,8 +37,8 @@ class DecoderConfig:
     attention: str = "xla"  # xla | dot_product | cudnn (see attention.attend)
     # Not in BAGEL: the generation expert's norms also get a DiT-style shift/scale/gate from
     # the timestep embedding (zero-initialised, so training starts from the BAGEL network).
-    # BAGEL only adds t to the input. It lowered a v-head's flow MSE (0.219 -> 0.176 at 300
-    # steps, README) but not an x-head's (0.067 -> 0.066), so the shapes configs leave it off.
+    # BAGEL only adds t to the input. It helps a v-head's flow loss but adds nothing to an
+    # x-head's, so the shapes configs leave it off (docs/design.md).
     time_adaln: bool = False
     # (gen, und) capacity fractions for sparse routing in full-sequence mode, () for dense.
     # Set by the training step (routing.sparse), which falls back to dense where a batch

@@ -2,8 +2,8 @@
 tokens, with static shapes and the same result as dense routing.
 
 Dense routing (mot._routed) runs both experts on every token and selects, so the block
-projections cost twice their FLOPs; on the shapes configs that is about a third of a CPU
-training step (results/bench/step_breakdown_cpu.py). Here the flattened batch is sorted
+projections cost twice their FLOPs; on the shapes configs that is a large share of a CPU
+training step (scripts/step_breakdown.py times it). Here the flattened batch is sorted
 once per forward into [generation | padding | understanding]; the generation expert runs on
 the first `gen` sorted tokens and the understanding expert on the last `und`, and each
 token takes its own expert's output back. Padding tokens (segment 0) see only themselves
@@ -26,7 +26,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from strokes_jax.tokenizer import CLEAN, NOISY
+from strokes_jax.sequence.layout import CLEAN, NOISY
 
 # Capacities are rounded up to this many tokens so similar fractions share one shape.
 _ROUND = 64

@@ -24,10 +24,8 @@ from strokes_jax.model import attention
 from strokes_jax.model.layers import DenseGeneral, TimestepEmbedder, param_with_axes, sincos_2d
 from strokes_jax.model.mot import DecoderConfig, MoTDecoder
 from strokes_jax.model.vision import VisionConfig, VisionTower
-from strokes_jax.tokenizer import CLEAN, NOISY
+from strokes_jax.sequence.layout import CLEAN, NOISY, VIT
 
-# Token type of ViT patch tokens (understanding expert); TEXT/NOISY/CLEAN are in tokenizer.py.
-VIT = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,8 +49,8 @@ class ModelConfig:
     # Not in BAGEL (which copies a context image through attention alone): each noisy token
     # also gets the same patch of the episode's previous clean image (the canvas it paints
     # on) as input, and the x-head predicts the change from it, as InstructPix2Pix feeds its
-    # source image. See previous_canvas. At shapes scale attention could not copy 108-d
-    # patches through a width-128 stream: the second sketch lost the first's objects.
+    # source image. See previous_canvas. At shapes scale attention cannot copy 108-d
+    # patches through a width-128 stream: a second sketch loses the first's objects.
     canvas_skip: bool = False
 
     def __post_init__(self):
@@ -92,7 +90,7 @@ def previous_canvas(types, patch_pos, segment_ids, latents):
     """For each NOISY token, the same patch of the last CLEAN image before it in its segment
     (sequence) [B, L, P]; zeros where there is none (the first image of an episode: in
     latent space 0 is a blank canvas, mid-grey for the shapes world's pixels) and for every
-    other token. Clean blocks are contiguous in patch order (tokenizer.py), so the source is
+    other token. Clean blocks are contiguous in patch order (sequence/tokenizer.py), so the source is
     the block's first patch + patch_pos. A clean copy left out by CFG dropout makes the
     image before it the canvas."""
     b, l = types.shape

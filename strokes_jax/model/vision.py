@@ -1,5 +1,5 @@
 """BAGEL's understanding encoder: a SigLIP(2) ViT, the MLP connector into the decoder's width,
-and the fixed 2-D sin-cos table added after it (PAPER.md section 6).
+and the fixed 2-D sin-cos table added after it.
 
 Differences from a stock SigLIP, all BAGEL's: the patch embedding is a linear map over
 flattened (row, col, channel) patches, so images of any size arrive as token lists; the

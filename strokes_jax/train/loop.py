@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -19,9 +20,8 @@ import flax.linen as nn
 import tensorflow_datasets as tfds
 from clu import metric_writers, periodic_actions
 
-from strokes_jax import tokenizer as tk
-from strokes_jax.data import pipeline, tfds_shapes
-from strokes_jax.evaluate.train_images import TrainImages
+from strokes_jax.sequence import tokenizer as tk
+from strokes_jax.data import pipeline, shapes_builder
 from strokes_jax.model import routing
 from strokes_jax.model.unified import ModelConfig, UnifiedModel
 from strokes_jax.train import checkpoint as ckpt
@@ -29,6 +29,7 @@ from strokes_jax.train import flops as fl
 from strokes_jax.train import sharding as shd
 from strokes_jax.train import state as st
 from strokes_jax.train import step as sp
+from strokes_jax.sequence import layout
 
 
 @dataclasses.dataclass
@@ -44,6 +45,10 @@ class Setup:
     shardings: object
 
 
+# Called at every periodic evaluation: hook(setup, step, metric_writer).
+EvalHook = Callable[[Setup, int, object], None]
+
+
 def episode_tokenizer(config) -> tk.EpisodeTokenizer:
     w = config.world
     if w["name"] != "shapes":
@@ -53,11 +58,11 @@ def episode_tokenizer(config) -> tk.EpisodeTokenizer:
 
 
 def vit_packing(config) -> dict:
-    """data.vit_copies: pack a ViT copy of every image (tokenizer.py). Its patch size and
+    """data.vit_copies: pack a ViT copy of every image (sequence/tokenizer.py). Its patch size and
     position table come from model.vision, so data and model cannot disagree."""
-    if not config.data.get("vit_copies", False):
+    if not config.data.vit_copies:
         return {}
-    vision = config.model.get("vision")
+    vision = config.model.vision
     if not vision:
         raise ValueError("config key data.vit_copies needs model.vision (the ViT to read them)")
     return dict(vit_patch=int(vision["patch"]), vit_max_side=int(vision["max_side"]))
@@ -77,18 +82,18 @@ def setup(config, devices=None, model_cfg: ModelConfig | None = None) -> Setup:
     model = UnifiedModel(model_cfg or model_config(config, etok))
     mesh = shd.make_mesh(config.mesh["shape"], devices)
     shd.check_batch(config.data.batch_size, mesh, config.train.accum_steps, jax.process_count())
-    tx = st.make_optimizer(config.optim)
+    tx = st.make_optimizer(config.optim, config.train.steps)
     state, shardings = st.create_state(model, tx, mesh, config.rules, config.seed,
                                        model.cfg.patch_dim, ema=config.optim.ema_decay > 0)
     shd.check_sufficiently_sharded(state.params, mesh, config.train.shard_tolerance)
     return Setup(config, etok, model, mesh, tx, state, shardings)
 
 
-def data_config(config) -> tfds_shapes.ShapesConfig:
+def data_config(config) -> shapes_builder.ShapesConfig:
     d = config.data
     mix = dict(d.mix)
     tag = "_".join(f"{k}{v:g}" for k, v in sorted(mix.items()))
-    return tfds_shapes.ShapesConfig(
+    return shapes_builder.ShapesConfig(
         name=f"s{d.seed}_n{d.num_train}_{d.num_eval}_L{d.seq_len}_p{config.world['patch']}_{tag}".replace(".", "p"),
         seed=d.seed, num_train=d.num_train, num_eval=d.num_eval, mix=mix, max_tokens=d.seq_len,
         patch=config.world["patch"])
@@ -103,10 +108,13 @@ def prepare_data(config, workdir: str):
     dcfg, ddir = data_config(config), data_dir(config, workdir)
     tfds.disable_progress_bar()
     t0 = time.time()
-    tfds_shapes.build(ddir, dcfg)
-    logging.info("data ready in %.1fs at %s", time.time() - t0, ddir)
-    return (tfds_shapes.data_source(ddir, dcfg, "train"),
-            tfds_shapes.data_source(ddir, dcfg, "eval"))
+    found = shapes_builder.builder(ddir, dcfg).is_prepared()
+    shapes_builder.build(ddir, dcfg)
+    if jax.process_index() == 0:
+        print(f"data: {dcfg.num_train} train + {dcfg.num_eval} eval episodes "
+              f"{'found' if found else 'written'} in {ddir} ({time.time() - t0:.0f}s)", flush=True)
+    return (shapes_builder.data_source(ddir, dcfg, "train"),
+            shapes_builder.data_source(ddir, dcfg, "eval"))
 
 
 class _Preemption:
@@ -163,7 +171,7 @@ def _episodes_in(segment_ids) -> int:
 
 
 def _batch(b, mesh):
-    return pipeline.to_global({k: b[k] for k in sp.batch_keys(b)}, mesh)
+    return pipeline.to_global({k: b[k] for k in layout.batch_keys(b)}, mesh)
 
 
 def train_iterator(config, etok, source, skips):
@@ -174,8 +182,8 @@ def train_iterator(config, etok, source, skips):
     rows of each global batch, so the global batches are identical for any process count
     (exact multi-host reproducibility checks; every host decodes everything)."""
     d = config.data
-    split = d.get("process_split", "records")
-    dropout = dict(d.get("cfg_dropout", None) or {})
+    split = d.process_split
+    dropout = dict(d.cfg_dropout)
     if split == "records":
         return pipeline.make_train_iter(source, etok, seq_len=d.seq_len,
                                         global_batch_size=d.batch_size,
@@ -192,11 +200,11 @@ def train_iterator(config, etok, source, skips):
 def with_extra_sources(config, train_src):
     """data.extra_sources: [{'path': ArrayRecord file, 'weight': w}, ...] mixed with the main
     split (weight data.main_weight), e.g. phase 2 on self-sampled critiques."""
-    extra = list(config.data.get("extra_sources", ()) or ())
+    extra = list(config.data.extra_sources)
     if not extra:
         return train_src
     import grain
-    parts = [(train_src, float(config.data.get("main_weight", 1.0)))]
+    parts = [(train_src, float(config.data.main_weight))]
     for i, e in enumerate(extra):
         if not os.path.exists(e["path"]):
             raise FileNotFoundError(f"config key data.extra_sources[{i}].path: {e['path']} not found")
@@ -206,7 +214,7 @@ def with_extra_sources(config, train_src):
 
 def _init_from(s: Setup, config) -> None:
     """train.init_from: start from another run's newest params (fresh optimizer and step)."""
-    src = config.train.get("init_from", "")
+    src = config.train.init_from
     if not src:
         return
     mgr = ckpt.manager(src, keep=1, save_every=1)
@@ -219,14 +227,20 @@ def _init_from(s: Setup, config) -> None:
     logging.info("initialised from %s step %d", src, restored[0])
 
 
-def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict]:
-    """Train (or resume) in `workdir`; returns the final Setup and a summary dict."""
+def train(config, workdir: str, sources=None, devices=None,
+          eval_hooks: Sequence[EvalHook] = ()) -> tuple[Setup, dict]:
+    """Train (or resume) in `workdir`; returns the final Setup and a summary dict.
+
+    `eval_hooks` run at every periodic evaluation after the eval loss, with the current
+    Setup, the step and the metric writer (e.g. `evaluate.train_images.TrainImages`, which
+    paints filmstrips into TensorBoard); the seconds they take are summed in the summary's
+    `hook_seconds`."""
     os.makedirs(workdir, exist_ok=True)
     train_src, eval_src = sources if sources is not None else prepare_data(config, workdir)
     train_src = with_extra_sources(config, train_src)
     s = setup(config, devices)
     lc = sp.LossConfig.from_config(config)
-    fractions = tuple(config.train.get("sparse_routing", ()))
+    fractions = tuple(config.train.sparse_routing)
     train_step, eval_step = sp.jit_steps(routing.sparse(s.model, fractions), s.tx, lc, s.mesh,
                                          s.shardings,
                                          accum_steps=config.train.accum_steps,
@@ -252,7 +266,7 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
     history, losses, t0 = [], [], time.time()
     summary = {"params": st.param_count(s.state.params), "start_step": start}
     step, t_window, dense_steps, seen = start, time.time(), 0, 0
-    train_images, image_seconds = TrainImages(s, config), 0.0
+    hook_seconds = 0.0
     # The mesh and rules make the model's logical activation constraints concrete.
     with _Preemption(jax.process_count() == 1) as pre, jax.set_mesh(s.mesh), \
             nn.logical_axis_rules(shd.rules_tuple(config.rules)):
@@ -293,8 +307,11 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
                           f"{tflops * 1e3:.1f} GFLOP/s/device ({time.time() - t0:.0f}s)", flush=True)
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 writer.write_scalars(step, evaluate_loss(s, eval_step, eval_src, config))
-                if not stop:  # a preemption notice: save first, paint nothing
-                    image_seconds += train_images(step, writer)
+                if not stop:  # a preemption notice: save first, run no hook
+                    t_hook = time.time()
+                    for hook in eval_hooks:
+                        hook(s, step, writer)
+                    hook_seconds += time.time() - t_hook
             if saving:
                 ckpt.save(mgr, step, s.state, it, force=True)
             if stop:
@@ -307,7 +324,7 @@ def train(config, workdir: str, sources=None, devices=None) -> tuple[Setup, dict
         seen = int(np.sum(multihost_utils.process_allgather(np.asarray(seen))))
     summary.update(end_step=step, train_seconds=time.time() - t0,
                    losses=losses, skipped=skips.get_state(),
-                   preempted=step < tc.steps, tb_image_seconds=image_seconds,
+                   preempted=step < tc.steps, hook_seconds=hook_seconds,
                    episodes_seen=seen)
     if fractions:
         summary["sparse_routing"] = dict(capacity=list(fractions), dense_steps=dense_steps)

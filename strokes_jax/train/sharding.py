@@ -11,27 +11,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical axis -> mesh axes, the default `rules` of every config: parameters are sharded
-# FSDP-style over `fsdp` on their embedding axis and tensor-parallel over `tensor` on
-# heads / mlp / vocab; the batch is split over data x fsdp.
-DEFAULT_RULES = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("embed_out", None),
-    ("vit_embed", None),
-    ("heads", "tensor"),
-    ("head_dim", None),
-    ("qkv", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("patch", None),
-    ("freq", None),
-    ("adaln", None),
-    ("norm", None),
-    ("layers", None),
-)
-
 
 def mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
     """Resolve one -1 entry to fill the devices; errors name the config key `mesh.shape`."""

@@ -29,11 +29,18 @@ class TrainState:
         return self.params if self.ema_params is None else self.ema_params
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
-    """AdamW with linear warm-up then cosine decay, after global-norm clipping."""
-    sched = optax.warmup_cosine_decay_schedule(
+def schedule(cfg, train_steps: int) -> optax.Schedule:
+    """Linear warm-up then cosine decay over `optim.total_steps` (None: the run's
+    `train_steps`, so shortening a run shortens its schedule)."""
+    total = train_steps if cfg.total_steps is None else cfg.total_steps
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(cfg.total_steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.end_lr_factor)
+        decay_steps=max(total, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.end_lr_factor)
+
+
+def make_optimizer(cfg, train_steps: int) -> optax.GradientTransformation:
+    """AdamW on `schedule`, after global-norm clipping."""
+    sched = schedule(cfg, train_steps)
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
         optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))

@@ -10,21 +10,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from strokes_jax import flow, losses
+from strokes_jax.model import flow
+from strokes_jax.train import losses
 from strokes_jax.model import routing
 from strokes_jax.model.unified import UnifiedModel
-from strokes_jax.tokenizer import NOISY, CLEAN
+from strokes_jax.sequence.layout import NOISY, CLEAN
 from strokes_jax.train import sharding as shd
-
-BATCH_KEYS = ("tokens", "types", "stages", "targets", "target_stages", "positions", "blocks",
-              "patch_pos", "patches", "segment_ids")
-VIT_KEYS = ("vit_patches", "vit_pos")  # present when the rows pack ViT copies
-
-
-def batch_keys(row) -> tuple[str, ...]:
-    """The keys a step reads from a packed batch: BATCH_KEYS, plus VIT_KEYS when it has them."""
-    return BATCH_KEYS + (VIT_KEYS if "vit_patches" in row else ())
-
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
@@ -166,7 +157,7 @@ def jit_steps(model, tx, lc: LossConfig, mesh, state_shardings, *, accum_steps: 
     """The sharded, jitted train and eval steps (state donated in training)."""
     bs, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
     # One sharding for every batch field (a pytree prefix), so batches with or without the
-    # ViT copy's fields (VIT_KEYS) go through the same function.
+    # ViT copy's fields (layout.VIT_FIELDS) go through the same function.
     batch_sh = bs
     train = jax.jit(functools.partial(train_step, model=model, tx=tx, lc=lc,
                                       accum_steps=accum_steps, ema_decay=ema_decay),

@@ -1,5 +1,5 @@
 """A pixel-level detector for the shapes world, so images (rendered or generated) can be
-scored with GenEval's rule engine (`judge`) instead of trusting the scene they came from.
+scored with GenEval's rule engine (`geneval`) instead of trusting the scene they came from.
 
 Pipeline:
   1. every pixel goes to its nearest colour among `shapes.PALETTE` and `shapes.BACKGROUND`
@@ -26,14 +26,14 @@ from typing import Sequence
 
 import numpy as np
 
-from strokes_jax import judge
+from strokes_jax.worlds import geneval
 from strokes_jax.worlds import shapes
 
 MIN_AREA = 12
 MIN_SCORE = 0.5
 # Objects of the benchmark are at least 8 px wide (10 by default); smaller boxes are blobs of
-# colour noise that a template would otherwise happily call a square (measured on images of
-# an undertrained model: 4x4 to 6x6 boxes at template IoU up to 0.94 inflated its scores).
+# colour noise that a template would otherwise happily call a square (an undertrained model
+# draws such 4x4 to 6x6 blobs, and counting them would inflate its scores).
 MIN_SIDE = 7
 
 _NAMES = tuple(shapes.PALETTE) + ("background",)
@@ -90,7 +90,7 @@ def classify(mask: np.ndarray) -> tuple[str, float]:
 
 
 def detect(image: np.ndarray, min_area: int = MIN_AREA, min_score: float = MIN_SCORE,
-           min_side: int = MIN_SIDE) -> list[judge.Detection]:
+           min_side: int = MIN_SIDE) -> list[geneval.Detection]:
     """Objects in a uint8 [H, W, 3] image, best score first, then top-to-bottom, left-to-right."""
     idx = quantize(np.asarray(image))
     lab = label(idx)
@@ -107,7 +107,7 @@ def detect(image: np.ndarray, min_area: int = MIN_AREA, min_score: float = MIN_S
         if iou < min_score:
             continue
         color = _NAMES[idx.flat[comp]]  # the label is the component's first pixel
-        dets.append(judge.Detection(shape, (float(x0), float(y0), float(x1), float(y1)),
+        dets.append(geneval.Detection(shape, (float(x0), float(y0), float(x1), float(y1)),
                                     color, iou))
     dets.sort(key=lambda d: (-d.score, d.box[1], d.box[0]))
     return dets
@@ -115,10 +115,10 @@ def detect(image: np.ndarray, min_area: int = MIN_AREA, min_score: float = MIN_S
 
 def check_image(image: np.ndarray, prompt, **kw) -> tuple[bool, str]:
     """GenEval's verdict on an image for a `prompts.Prompt` (or anything with .metadata)."""
-    return judge.evaluate_detections(detect(image, **kw), prompt.metadata)
+    return geneval.evaluate_detections(detect(image, **kw), prompt.metadata)
 
 
-def detections_equal(a: Sequence[judge.Detection], b: Sequence[judge.Detection]) -> bool:
+def detections_equal(a: Sequence[geneval.Detection], b: Sequence[geneval.Detection]) -> bool:
     """Same multiset of (class, box, colour), ignoring scores and order."""
     key = lambda d: (d.cls, tuple(d.box), d.color)  # noqa: E731
     return sorted(map(key, a)) == sorted(map(key, b))

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from strokes_jax import judge
+from strokes_jax.worlds import geneval
 from strokes_jax.worlds import shapes
 from strokes_jax.worlds.shapes import Obj
 
@@ -74,13 +74,13 @@ def sample_prompt(rng: np.random.Generator, tag: str) -> Prompt:
     raise ValueError(f"unknown tag {tag!r}; expected one of {shapes.TAGS}")
 
 
-def scene_detections(scene: Sequence[Obj]) -> list[judge.Detection]:
+def scene_detections(scene: Sequence[Obj]) -> list[geneval.Detection]:
     """The exact detections a perfect detector returns for a scene."""
-    return [judge.Detection(o.shape, o.box, o.color) for o in scene]
+    return [geneval.Detection(o.shape, o.box, o.color) for o in scene]
 
 
 def check_scene(scene: Sequence[Obj], prompt: Prompt) -> tuple[bool, str]:
-    return judge.evaluate_detections(scene_detections(scene), prompt.metadata)
+    return geneval.evaluate_detections(scene_detections(scene), prompt.metadata)
 
 
 def sample_scene(rng: np.random.Generator, prompt: Prompt, max_tries: int = 200) -> tuple[Obj, ...]:
@@ -121,7 +121,7 @@ def _fix_cell(obj: Obj, rel: str, ref: Obj, scene: Sequence[Obj]) -> tuple[int, 
     others = [o for o in scene if o != obj]
     for cell in shapes.free_cells(others):
         cand = obj.replace(row=cell[0], col=cell[1])
-        if rel in judge.relative_position(cand.box, ref.box):
+        if rel in geneval.relative_position(cand.box, ref.box):
             return cell
     return None
 
@@ -161,7 +161,7 @@ def partial_check(scene: Sequence[Obj], prompt: Prompt) -> tuple[list[Violation]
             rel, tgt = clause["position"]
             for o in objs:
                 for ref in groups[tgt]:
-                    if rel not in judge.relative_position(o.box, ref.box):
+                    if rel not in geneval.relative_position(o.box, ref.box):
                         violations.append(Violation("place", o, relation=rel, other=ref,
                                                     cell=_fix_cell(o, rel, ref, scene)))
     return violations, missing

@@ -121,10 +121,10 @@ def render(scene: Sequence[Obj]) -> np.ndarray:
 
 
 def cell_relations(a: Obj, b: Obj) -> set[str]:
-    """GenEval's relations of a relative to b, from the scene's boxes (see judge)."""
-    from strokes_jax import judge  # local import: judge is the rule engine, world is data
+    """GenEval's relations of a relative to b, from the scene's boxes (see geneval)."""
+    from strokes_jax.worlds import geneval  # local import: geneval is the rule engine, world is data
 
-    return judge.relative_position(a.box, b.box)
+    return geneval.relative_position(a.box, b.box)
 
 
 def free_cells(scene: Sequence[Obj]) -> list[tuple[int, int]]:

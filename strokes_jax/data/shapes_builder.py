@@ -17,8 +17,11 @@ global state and lets tests substitute a tiny hand-made generator.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
+import io
+import logging
 import os
 from typing import Callable, Iterator
 
@@ -26,10 +29,24 @@ import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
 
-from strokes_jax import episode as ep
+from strokes_jax.episodes import episode as ep
 
-DEFAULT_SOURCE = "strokes_jax.data.trajectories:generate_episodes"
+DEFAULT_SOURCE = "strokes_jax.episodes.mixer:generate_episodes"
 SPLITS = ("train", "eval")
+
+
+class _QuietBuilderNotices(logging.Filter):
+    """Drops TFDS's notices that are expected for a builder configured in code (a custom
+    config, a version folder written for the first time); any other warning passes."""
+
+    EXPECTED = ("Using custom data configuration", "has no dataset_info.json")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(e in msg for e in self.EXPECTED)
+
+
+logging.getLogger("absl").addFilter(_QuietBuilderNotices())
 
 
 @dataclasses.dataclass(eq=False)
@@ -119,7 +136,7 @@ class ShapesEpisodes(tfds.core.GeneratorBasedBuilder):
 
 
 def _fits(max_tokens: int, patch: int) -> Callable[[ep.Episode], bool]:
-    from strokes_jax import tokenizer as tk
+    from strokes_jax.sequence import tokenizer as tk
     from strokes_jax.worlds import shapes
 
     etok = tk.EpisodeTokenizer(tk.Tokenizer.shapes(), (shapes.CANVAS, shapes.CANVAS, 3), patch)
@@ -140,13 +157,16 @@ def builder(data_dir: str | os.PathLike, config: ShapesConfig) -> ShapesEpisodes
 def build(data_dir: str | os.PathLike, config: ShapesConfig) -> ShapesEpisodes:
     """Generate and write both splits as ArrayRecord (no Beam, nothing downloaded)."""
     b = builder(data_dir, config)
-    b.download_and_prepare(
-        file_format="array_record",
-        download_config=tfds.download.DownloadConfig(
-            download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
-            # Nothing to checksum or download; keep TFDS from touching the network.
-            register_checksums=False, try_download_gcs=False),
-    )
+    # TFDS prints "Downloading and preparing dataset ..." to stdout though nothing is
+    # downloaded; the caller reports what was written instead.
+    with contextlib.redirect_stdout(io.StringIO()):
+        b.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(
+                download_mode=tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS,
+                # Nothing to checksum or download; keep TFDS from touching the network.
+                register_checksums=False, try_download_gcs=False),
+        )
     return b
 
 

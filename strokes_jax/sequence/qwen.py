@@ -3,7 +3,7 @@
 
 Qwen2 already has the image/segment markers (<|im_start|>, <|im_end|>, <|vision_start|>,
 <|vision_end|>; ids 151644/151645/151652/151653 in the real vocabulary). The episode tags
-(<ins>, <des>, ... and <|endofepisode|>) are not in it (our choice, PAPER.md is silent): they
+(<ins>, <des>, ... and <|endofepisode|>) are not in it (our choice; the paper is silent): they
 are added as special tokens, which takes ids from the spare rows of BAGEL's embedding (the
 tokenizer has 151,665 entries, the embedding 152,064), so converted weights need no resize.
 Byte-level BPE has no unknown token, so every text encodes.
@@ -17,7 +17,7 @@ from typing import Sequence
 
 import tokenizers
 
-from strokes_jax.tokenizer import (END_OF_EPISODE, IM_END, IM_START, TAGS, VISION_END,
+from strokes_jax.sequence.tokenizer import (END_OF_EPISODE, IM_END, IM_START, TAGS, VISION_END,
                                    VISION_START, TokenizerError)
 
 QWEN_SPECIALS = (IM_START, IM_END, VISION_START, VISION_END)

@@ -2,7 +2,7 @@
 shapes pipeline), N timed steps; writes JSON with device, config, commit, step time,
 tokens/s, TFLOP/s per device, MFU, peak memory and compile time.
 
-  python -m strokes_jax bench --config configs/mot_1b.py --workdir runs/bench
+  python -m strokes_jax bench --config mot_1b --workdir runs/bench
 """
 
 from __future__ import annotations
@@ -18,15 +18,16 @@ import numpy as np
 import flax.linen as nn
 
 from strokes_jax.data import pipeline
-from strokes_jax.evaluate import report
+from strokes_jax import provenance
 from strokes_jax.model import routing
 from strokes_jax.model.unified import ModelConfig
-from strokes_jax.tokenizer import CLEAN, NOISY, TEXT
+from strokes_jax.sequence.layout import CLEAN, NOISY, TEXT
 from strokes_jax.train import flops as fl
 from strokes_jax.train import sharding as shd
 from strokes_jax.train import loop
 from strokes_jax.train import state as st
 from strokes_jax.train import step as sp
+from strokes_jax.sequence import layout
 
 
 def synthetic_batch(rows: int, seq_len: int, vocab: int, patch_dim: int, num_patches: int,
@@ -38,7 +39,7 @@ def synthetic_batch(rows: int, seq_len: int, vocab: int, patch_dim: int, num_pat
             ("tokens", "types", "stages", "targets", "target_stages", "positions", "blocks",
              "patch_pos", "segment_ids")}
     cols["patches"] = rng.integers(0, 256, (rows, seq_len, patch_dim), dtype=np.uint8)
-    i, pos, block = 0, 0, 0
+    pos, block = 0, 0
     layout = []  # (type, block, patch_pos, position)
     while True:
         seg = [(TEXT, 0, 0, pos + j) for j in range(text_len)]
@@ -84,7 +85,7 @@ def run(config, config_name: str, workdir: str) -> dict:
     mesh, state, accum = s.mesh, s.state, config.train.accum_steps
     ratio = shd.sharded_fraction(state.params, mesh)
     lc = sp.LossConfig.from_config(config)
-    fractions = tuple(config.train.get("sparse_routing", ()))
+    fractions = tuple(config.train.sparse_routing)
     train_step, _ = sp.jit_steps(routing.sparse(s.model, fractions), s.tx, lc, mesh, s.shardings,
                                  accum_steps=accum, ema_decay=config.optim.ema_decay)
     rows, L = config.data.batch_size // jax.process_count(), config.data.seq_len
@@ -94,7 +95,7 @@ def run(config, config_name: str, workdir: str) -> dict:
     # Whether the timed step routed sparsely (the synthetic batch fits the capacities).
     sparse = bool(fractions) and bool(routing.counts_fit(is_gen, local["segment_ids"] > 0,
                                                           fractions))
-    batch = pipeline.to_global({k: local[k] for k in sp.BATCH_KEYS}, mesh)
+    batch = pipeline.to_global({k: local[k] for k in layout.ROW_FIELDS}, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(shd.rules_tuple(config.rules)):
         t0 = time.time()
         compiled = train_step.lower(state, batch).compile()
@@ -109,11 +110,11 @@ def run(config, config_name: str, workdir: str) -> dict:
     step_s = float(np.median(times))
     n_dev = jax.device_count()
     f = fl.train_step_flops(mc, config.data.batch_size, L)
-    dev = report.device_info()
+    dev = provenance.device_info()
     peak = fl.peak_tflops(dev["device_kind"])
     model_tflops = f.model / step_s / n_dev / 1e12
     out = {
-        "config": config_name, "commit": report.git_commit(), "device": dev,
+        "config": config_name, "commit": provenance.git_commit(), "device": dev,
         "mesh": dict(mesh.shape), "dtype": mc.decoder.dtype, "remat": mc.decoder.remat,
         "scan_layers": mc.decoder.scan_layers, "attention": mc.decoder.attention,
         "sparse_routing": {"capacity": list(fractions), "used": sparse,

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import jax
 import jax.numpy as jnp
 import optax
 
-from strokes_jax.episode import STAGE_NAMES
+from strokes_jax.episodes.episode import STAGE_NAMES
 
 
 def stage_weight_vector(weights: Mapping[str, float]) -> jnp.ndarray:

@@ -2,14 +2,15 @@
 bf16 compute with fp32 params, scanned layers with remat, 4K-token packed rows of
 interleaved text and 256-token images (BAGEL's 2x2-grouped FLUX latents at 256 px).
 
-  python -m strokes_jax bench --config configs/mot_1b.py --workdir results/bench
-Variants: ':fsdp' shards parameters over all devices instead of pure data parallelism.
+  python -m strokes_jax bench --config mot_1b --workdir runs/bench
+Variants: `mot_1b:fsdp` shards parameters over all devices instead of pure data parallelism.
 """
 
-from configs import shapes_tiny
+from strokes_jax.configs import schema, shapes_tiny
 
 
 def get_config(arg: str | None = None):
+    opts = schema.parse_arg(arg, fsdp=False)
     c = shapes_tiny.get_config()
     c.model.update(width=2048, depth=12, heads=16, kv_heads=4, head_dim=128, mlp=5632,
                    rope_theta=1e6, dtype="bfloat16", scan_layers=True, remat="dots_no_batch",
@@ -19,8 +20,6 @@ def get_config(arg: str | None = None):
     c.bench.update(steps=10, warmup=3, vocab_size=32_768, patch_dim=64, latent_grid=(16, 16),
                    text_len=64)
     c.train.update(shard_tolerance=0.1)
-    if arg == "fsdp":
-        c.mesh["shape"] = (1, -1, 1)
-    elif arg not in (None, ""):
-        raise ValueError(f"unknown config variant {arg!r}; expected '' or 'fsdp'")
+    if opts.fsdp:
+        c.mesh.shape = (1, -1, 1)
     return c

@@ -18,73 +18,16 @@ from __future__ import annotations
 
 import collections
 import itertools
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
-from strokes_jax import episode as ep
-from strokes_jax.data import critique, trajectories as tr
-from strokes_jax.generate import Generated
-from strokes_jax.worlds import detect, grammar, prompts, shapes
-from strokes_jax.worlds.grammar import Command, Issue, Verdict
+from strokes_jax.episodes import episode as ep
+from strokes_jax.episodes import mixer, trajectories as tr
+from strokes_jax.worlds import checker, grammar, prompts, shapes
+from strokes_jax.worlds.grammar import Command
 from strokes_jax.worlds.shapes import Obj
 
-
-def drawn_scene(image) -> tuple[Obj, ...] | None:
-    """The detected objects as grid objects (cell from the box centre); None when two
-    detections share a cell, which no plan can describe."""
-    objs = []
-    for d in detect.detect(image):
-        cx, cy = (d.box[0] + d.box[2]) / 2, (d.box[1] + d.box[3]) / 2
-        r, c = int(cy // shapes.CELL), int(cx // shapes.CELL)
-        if not (0 <= r < shapes.GRID and 0 <= c < shapes.GRID):
-            return None
-        objs.append(Obj(d.cls, d.color, r, c))
-    if len({o.cell for o in objs}) != len(objs):
-        return None
-    return tuple(objs)
-
-
-def image_issue(drawn: Sequence[Obj], planned: Sequence[Obj]) -> tuple[Issue, Command] | None:
-    """The single difference between what was drawn and what the plan describes, as the
-    checker's issue and the refine command that turns `drawn` into `planned`. None when they
-    match; ValueError when they differ in more than one way (one <refine> fixes one thing)."""
-    extra = [o for o in drawn if o not in planned]
-    missing = [o for o in planned if o not in drawn]
-    if not extra and not missing:
-        return None
-    if len(extra) == 1 and len(missing) == 1:
-        e, m = extra[0], missing[0]
-        if e.shape == m.shape and e.cell == m.cell:
-            return Issue("color", e, color=m.color), Command("recolour", e, color=m.color)
-        if e.shape == m.shape and e.color == m.color and m.cell not in {o.cell for o in drawn}:
-            return Issue("place", e, cell=m.cell), Command("move", e, cell=m.cell)
-    if len(extra) + len(missing) == 1:
-        if missing:
-            return Issue("missing", missing[0]), Command("add", missing[0])
-        return Issue("extra", extra[0]), Command("remove", extra[0])
-    raise ValueError(f"drawing differs from the plan in {len(extra) + len(missing)} ways")
-
-
-def check_step(planned: Sequence[Obj], drawn: Sequence[Obj], prompt: prompts.Prompt):
-    """The exact checker on one step: (side, verdict, fix, why). side is 'ok', 'plan' (the
-    description contradicts the prompt) or 'image' (the drawing differs from it); verdict and
-    fix are None, and why says so ('multi_error' | 'unfixable'), when no single issue can be
-    named and fixed. Shared by self-sampled critiques and the inspection scoring."""
-    violations, _ = prompts.partial_check(planned, prompt)
-    if violations:
-        if len(violations) > 1:
-            return "plan", None, None, "multi_error"
-        try:
-            issue, fix = critique.violation_fix(violations[0])
-        except tr.TrajectoryError:
-            return "plan", None, None, "unfixable"
-        return "plan", Verdict(plan_issue=issue), fix, None
-    try:
-        found = image_issue(drawn, planned)
-    except ValueError:
-        return "image", None, None, "multi_error"
-    if found is None:
-        return "ok", Verdict(), None, None
-    return "image", Verdict(image_issue=found[0]), found[1], None
+if TYPE_CHECKING:  # the generator's output type only; inference builds on episodes
+    from strokes_jax.inference.generator import Generated, SamplingOptions
 
 
 def critique_trace(gen: Generated, prompt: prompts.Prompt, id: str) -> tuple[ep.Episode | None, str]:
@@ -102,10 +45,10 @@ def critique_trace(gen: Generated, prompt: prompts.Prompt, id: str) -> tuple[ep.
                 return None, "inconsistent_plan"  # <ins> does not lead to <des>
         except grammar.GrammarError:
             return None, "unparseable"
-        drawn = drawn_scene(s.sketch)
+        drawn = checker.drawn_scene(s.sketch)
         if drawn is None:
             return None, "undetectable"
-        side, verdict, fix, why = check_step(planned, drawn, prompt)
+        side, verdict, fix, why = checker.check_step(planned, drawn, prompt)
         if side == "plan" and why == "multi_error":
             return None, why
         if side == "plan" and set(drawn) != set(planned):  # one <refine> cannot fix both
@@ -170,7 +113,7 @@ def critiques(generated: Iterable[tuple[Generated, prompts.Prompt]], id_prefix: 
 
 def training_prompts(seed: int, num: int) -> list[prompts.Prompt]:
     """Prompts drawn like the training data's (tags cycled), from their own seed."""
-    return [prompts.sample_prompt(tr.episode_rng(seed, i), shapes.TAGS[i % len(shapes.TAGS)])
+    return [prompts.sample_prompt(mixer.episode_rng(seed, i), shapes.TAGS[i % len(shapes.TAGS)])
             for i in range(num)]
 
 
@@ -185,10 +128,11 @@ def write_array_record(episodes: Sequence[ep.Episode], path: str) -> None:
 
 
 def sample_and_critique(generator, prompt_list: Sequence[prompts.Prompt], batch_size: int,
-                        id_prefix: str):
-    """Generate process-driven traces for the prompts and turn them into critique episodes."""
+                        id_prefix: str, options: SamplingOptions | None = None):
+    """Generate process-driven traces for the prompts and turn them into critique episodes;
+    `options` samples them (None: the generator's own)."""
     pairs = []
     for i in range(0, len(prompt_list), batch_size):
         chunk = prompt_list[i:i + batch_size]
-        pairs += list(zip(generator([p.text for p in chunk], "process"), chunk))
+        pairs += list(zip(generator([p.text for p in chunk], "process", options=options), chunk))
     return critiques(pairs, id_prefix)

@@ -1,5 +1,6 @@
 """Episode generators for the shapes world: scene-graph subsampling (additive paths), paths
-rewritten with modify / swap edits, single-pass episodes, and the seeded episode stream.
+rewritten with modify / swap edits, and single-pass episodes (the seeded stream that mixes
+them with critiques is `episodes/mixer.py`).
 
 A path is a list of grammar Commands; applying them from the empty canvas gives the visual
 states the model sketches. Every state on a plan path is checked with prompts.partial_check:
@@ -9,18 +10,17 @@ stage calls correct.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from strokes_jax import episode as ep
+from strokes_jax.episodes import episode as ep
 from strokes_jax.worlds import grammar, prompts, shapes
 from strokes_jax.worlds.grammar import Command
 from strokes_jax.worlds.prompts import Prompt
 from strokes_jax.worlds.shapes import Obj
 
 EDIT_OPS = ("recolour", "move", "swap")
-MIX_KEYS = ("single_pass", "additive", "edit", "critique")
 IMAGE_SHAPE = (shapes.CANVAS, shapes.CANVAS, 3)
 
 
@@ -156,58 +156,3 @@ def make_episode(id: str, prompt: Prompt, commands: Sequence[Command], kind: str
 def single_pass_episode(id: str, prompt: Prompt, scene: Sequence[Obj]) -> ep.Episode:
     return ep.Episode(id=id, prompt=prompt.text, tag=prompt.tag, metadata=prompt.metadata,
                       steps=[ep.Step(sketch=shapes.render(scene))], kind="single_pass")
-
-
-def episode_rng(seed: int, i: int) -> np.random.Generator:
-    """Episode i's generator: SeedSequence(seed).spawn(n)[i] without depending on n."""
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,)))
-
-
-def make_one(seed: int, i: int, mix: Mapping[str, float],
-             tags: Sequence[str] = shapes.TAGS,
-             fits: Callable[[ep.Episode], bool] | None = None) -> ep.Episode:
-    """Episode i of the stream (tag cycled, kind drawn by `mix`), validated and checked.
-
-    `fits` (e.g. "tokenizes to at most seq_len tokens"): an edit or critique episode that does
-    not fit falls back to the additive path of the same scene, which always fits the default
-    length; this happens only for the longest (4-object) scenes."""
-    from strokes_jax.data import critique  # local: critique builds on this module
-
-    keys = [k for k in MIX_KEYS if mix.get(k, 0) > 0]
-    unknown = set(mix) - set(MIX_KEYS)
-    if unknown or not keys:
-        raise ValueError(f"mix {dict(mix)} must weight some of {MIX_KEYS}, nothing else")
-    p = np.array([mix[k] for k in keys], np.float64)
-    rng = episode_rng(seed, i)
-    tag = tags[i % len(tags)]
-    kind = keys[int(rng.choice(len(keys), p=p / p.sum()))]
-    prompt = prompts.sample_prompt(rng, tag)
-    scene = prompts.sample_scene(rng, prompt)
-    eid = f"{seed}-{i}"
-    if kind == "single_pass":
-        e, final = single_pass_episode(eid, prompt, scene), scene
-    elif kind == "critique":
-        e, final = critique.critique_episode(rng, eid, prompt, scene, return_final=True)
-    else:
-        cmds = additive_steps(scene) if kind == "additive" else edit_steps(rng, prompt, scene)
-        final = check_path(cmds, prompt, scene)[-1]
-        # An edit prompt with no applicable edit is, honestly, an additive episode.
-        kind = "edit" if any(c.op != "add" for c in cmds) else "additive"
-        e = make_episode(eid, prompt, cmds, kind)
-    if fits is not None and kind not in ("single_pass", "additive") and not fits(e):
-        cmds = additive_steps(scene)
-        final = check_path(cmds, prompt, scene)[-1]
-        e = make_episode(eid, prompt, cmds, "additive")
-    e.validate(IMAGE_SHAPE)
-    ok, why = prompts.check_scene(final, prompt)
-    if not ok or not np.array_equal(e.final_image(), shapes.render(final)):
-        raise TrajectoryError(f"episode {eid}: final state fails the prompt ({why})")
-    return e
-
-
-def generate_episodes(seed: int, num: int, mix: Mapping[str, float],
-                      tags: Sequence[str] = shapes.TAGS,
-                      fits: Callable[[ep.Episode], bool] | None = None) -> Iterator[ep.Episode]:
-    """Deterministic stream: episode i depends only on (seed, i, mix, tags, fits)."""
-    for i in range(num):
-        yield make_one(seed, i, mix, tags, fits)

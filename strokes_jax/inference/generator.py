@@ -7,12 +7,17 @@ after the context; noisy tokens are invisible to the rest, as in training). A fi
 is written back as its clean copy `<|vision_start|> latents <|vision_end|>` and decoding
 continues from `<|vision_end|>`. The model decides when to open an image and when to end the
 episode; structural tokens are constrained so the stream stays well-formed, and caps bound
-text length and iterations. No KV cache here: each call recomputes the context at a bucketed
-length; generate_cached.CachedGenerator is the same loop over a KV cache.
+text length and iterations.
 
-Each example draws its noise from its own stream (seeded by the generator's seed, the call
-and its index in the batch), so its images do not depend on when other examples in the batch
-open theirs; this is what lets the cached and uncached loops, whose turns differ, agree.
+`Generator` is that state machine; the model-facing work is its backend's: `put` appends a
+token to an example's context, `step` runs one model call and returns, per example, the
+logits to decide its next token from or the velocity of its image. uncached.UncachedBackend
+recomputes the whole context every call; kv_cache.KVCacheBackend decodes from a KV cache.
+Both see the same tokens in the same order, so they produce the same episodes.
+
+Each example draws its noise from its own stream (seeded by one draw from the call's RNG, and
+its index in the batch), so its images do not depend on when other examples in the batch
+open theirs; this is what lets the backends, whose turns differ, agree.
 
 NFE counts velocity evaluations (denoising steps), the paper's unit.
 """
@@ -21,16 +26,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Sequence
+from typing import Protocol, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from strokes_jax import episode as ep
-from strokes_jax import flow
-from strokes_jax.tokenizer import (CLEAN, NOISY, TEXT, VIT, EpisodeTokenizer, patchify,
-                                   unpatchify)
+from strokes_jax.episodes import episode as ep
+from strokes_jax.model import flow
+from strokes_jax.sequence.layout import CLEAN, TEXT, VIT
+from strokes_jax.sequence.tokenizer import EpisodeTokenizer, patchify, unpatchify
 
 
 @dataclasses.dataclass
@@ -50,8 +53,51 @@ class Generated:
         return self.images[-1] if self.images else None
 
 
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """How one call samples. text_temperature 0 decodes greedily; > 0 samples text from each
+    example's own RNG, for self-sampled critiques that explore the model's plan errors (the
+    paper's text-side critiques are sampled traces). The cfg_* fields are BAGEL's guidance
+    (kv_cache.py): a scale of 1 turns that context off."""
+
+    flow_steps: int
+    shift: float
+    max_iterations: int  # plan/sketch iterations before the episode is made to end
+    max_text_tokens: int  # per text segment
+    text_temperature: float = 0.0
+    cfg_text_scale: float = 1.0
+    cfg_img_scale: float = 1.0
+    cfg_interval: tuple[float, float] = (0.4, 1.0)  # t range where guidance applies
+    cfg_renorm: str = "global"  # global | none
+
+    def __post_init__(self):
+        if self.cfg_renorm not in ("global", "none"):
+            raise ValueError(f"SamplingOptions cfg_renorm: {self.cfg_renorm!r} is not "
+                             "'global' or 'none'")
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_text_scale != 1.0 or self.cfg_img_scale != 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Token:
+    """One context token, as a backend appends it."""
+
+    token: int
+    typ: int
+    pos: int  # RoPE position
+    block: int = 0
+    ppos: int = 0
+    latent: np.ndarray | None = None  # a clean token's latent patch
+    vpatch: np.ndarray | None = None  # a ViT token's pixels
+    vpos: int = 0
+
+
 @dataclasses.dataclass
-class _Ex:
+class Example:
+    """One prompt's generation state; backends read it, only the Generator changes it."""
+
     n: int  # used context length
     pos: int  # next RoPE position
     block: int
@@ -69,6 +115,34 @@ class _Ex:
     canvas: np.ndarray | None = None  # latents of its last finished image (model.canvas_skip)
 
 
+@dataclasses.dataclass
+class StepOut:
+    """What one model call gave an example: logits to pick its next token from, or the
+    velocity of its noisy block after `evals` evaluations (more than one under CFG)."""
+
+    logits: np.ndarray | None = None
+    velocity: np.ndarray | None = None
+    evals: int = 0
+
+
+class Backend(Protocol):
+    model: object
+    etok: EpisodeTokenizer
+    max_len: int
+
+    def begin(self, batch: int, options: SamplingOptions, ts: np.ndarray) -> None:
+        """Allocate the contexts of one call."""
+
+    def put(self, i: int, n: int, token: Token) -> None:
+        """Append `token` to example i's context, at index n."""
+
+    def step(self, params, exs: Sequence[Example]) -> list[StepOut | None]:
+        """One model call over every example that is not done."""
+
+    def end(self) -> None:
+        """Release what `begin` allocated on the device."""
+
+
 def pick_token(logits: np.ndarray, allowed: np.ndarray, temperature: float,
                rng: np.random.Generator) -> int:
     """The next text token among the allowed ones: the argmax, or a sample from
@@ -84,22 +158,22 @@ def pick_token(logits: np.ndarray, allowed: np.ndarray, temperature: float,
 
 
 class Generator:
-    def __init__(self, model, params, etok: EpisodeTokenizer, *, max_len: int,
-                 flow_steps: int, shift: float, max_iterations: int, max_text_tokens: int,
-                 buckets: Sequence[int] = (128, 256, 384, 512), seed: int = 0):
-        self.model, self.params, self.etok = model, params, etok
-        self.tok = etok.tok
-        self.max_len = max_len
-        self.buckets = sorted({b for b in buckets if b < max_len} | {max_len})
-        self.ts = flow.schedule(flow_steps, shift)
-        self.flow_steps = flow_steps
-        self.max_iterations, self.max_text_tokens = max_iterations, max_text_tokens
-        self.rng = np.random.default_rng(seed)
-        # 0: greedy text. > 0: text sampled at this temperature from each example's own RNG,
-        # for self-sampled critiques that explore the model's plan errors (the paper's
-        # text-side critiques are sampled traces); evaluation stays greedy.
-        self.text_temperature = 0.0
-        self._fwd = jax.jit(self._forward)
+    """gen(prompts, mode, options=, params=, rng=) -> one Generated per prompt.
+
+    `params`, `options` and `seed` given here are the defaults of every call; a call's own
+    arguments override them. Without an `rng` a call draws from the generator's stream
+    (seeded by `seed`), so successive calls get fresh noise; pass
+    np.random.default_rng(seed) to repeat a call's noise exactly.
+    """
+
+    def __init__(self, backend: Backend, params=None, *, options: SamplingOptions | None = None,
+                 seed: int = 0):
+        self.backend = backend
+        self.etok, self.tok = backend.etok, backend.etok.tok
+        self.max_len = backend.max_len
+        self.options = options
+        self._params = params
+        self._rng = np.random.default_rng(seed)
         t = self.tok
         self.top_level = np.zeros(t.vocab_size, bool)
         self.top_level[[t.im_start, t.vision_start, t.end_of_episode]] = True
@@ -107,40 +181,81 @@ class Generator:
         self.in_text[[t.pad_id, t.unk_id, t.im_start, t.vision_start, t.vision_end,
                       t.end_of_episode]] = False
 
-    def _forward(self, params, tokens, types, positions, segment_ids, blocks, patch_pos,
-                 latents, timesteps, q_index, img_start, vit_patches=None, vit_pos=None):
-        vit = {} if vit_patches is None else dict(vit_patches=vit_patches, vit_pos=vit_pos)
-        logits, vel = self.model.apply({"params": params}, tokens, types, positions, segment_ids,
-                                       blocks, patch_pos, latents, timesteps, **vit)
-        b = jnp.arange(tokens.shape[0])
-        idx = img_start[:, None] + jnp.arange(self.etok.num_patches)[None, :]
-        idx = jnp.clip(idx, 0, tokens.shape[1] - 1)
-        return logits[b, q_index], jnp.take_along_axis(vel, idx[..., None], axis=1)
+    def __call__(self, prompts: Sequence[str], mode: str = "process", *,
+                 options: SamplingOptions | None = None, params=None,
+                 rng: np.random.Generator | None = None) -> list[Generated]:
+        if mode not in ("process", "single_pass"):
+            raise ValueError(f"unknown generation mode {mode!r}")
+        opts = options if options is not None else self.options
+        params = params if params is not None else self._params
+        if opts is None or params is None:
+            raise ValueError("Generator: no sampling options or parameters, at construction "
+                             "or in the call")
+        call_seed = int((self._rng if rng is None else rng).integers(2 ** 63))
+        call = _Call(self, opts, mode)
+        self.backend.begin(len(prompts), opts, call.ts)
+        try:
+            exs = call.run(prompts, params, call_seed)
+        finally:
+            self.backend.end()
+        return [self._result(p, ex, mode) for p, ex in zip(prompts, exs)]
 
-    # -- sequence buffers ---------------------------------------------------------------
-    def _alloc(self, batch: int):
-        L, P = self.max_len, self.etok.patch_dim
-        self.buf = {k: np.zeros((batch, L), np.int32) for k in
-                    ("tokens", "types", "positions", "segment_ids", "blocks", "patch_pos")}
-        self.buf["latents"] = np.zeros((batch, L, P), np.float32)
-        self.buf["timesteps"] = np.zeros((batch, L), np.float32)
-        if self.etok.vit_patch is not None:
-            self.buf["vit_patches"] = np.zeros((batch, L, self.etok.vit_patch_dim), np.float32)
-            self.buf["vit_pos"] = np.zeros((batch, L), np.int32)
+    def _result(self, prompt, ex, mode) -> Generated:
+        parts, images, cur = [], [], []
+        for s in ex.stream:
+            if isinstance(s, np.ndarray):
+                parts.append(("text", self.tok.decode(cur)))
+                cur = []
+                parts.append(("image", s))
+                images.append(s)
+            else:
+                cur.append(s)
+        parts.append(("text", self.tok.decode(cur)))
+        text = " ".join(c if m == "text" else "<image>" for m, c in parts if m == "image" or c)
+        episode, error = None, None
+        try:
+            episode = parse_stream(prompt, parts, mode, self.etok.image_shape)
+        except ep.EpisodeError as e:
+            error = str(e)
+        return Generated(prompt, mode, text, images, ex.nfe, episode, error, ex.hit_cap,
+                         ex.evals)
 
-    def _put(self, i: int, ex: _Ex, token: int, typ: int, block: int = 0, ppos: int = 0,
-             latent=None, t: float = 0.0, vpatch=None, vpos: int = 0):
-        if ex.n >= self.max_len:
+
+class _Call:
+    """The state machine of one call: its options, its flow schedule, its examples."""
+
+    def __init__(self, gen: Generator, opts: SamplingOptions, mode: str):
+        self.gen, self.opts, self.mode = gen, opts, mode
+        self.backend, self.etok, self.tok = gen.backend, gen.etok, gen.tok
+        self.ts = flow.schedule(opts.flow_steps, opts.shift)
+
+    def run(self, prompts, params, call_seed: int) -> list[Example]:
+        t = self.tok
+        exs = [Example(n=0, pos=0, block=0, rng=np.random.default_rng([call_seed, i]))
+               for i in range(len(prompts))]
+        for i, (ex, p) in enumerate(zip(exs, prompts)):
+            for tok in self.etok.text_ids(ep.PROMPT, p, f"prompt {i}")[0]:
+                self._text(i, ex, tok)
+            # The mode is chosen by the first decision after the prompt.
+            self._open(i, ex, t.im_start if self.mode == "process" else t.vision_start)
+        while any(ex.mode != "done" for ex in exs):
+            for i, (ex, out) in enumerate(zip(exs, self.backend.step(params, exs))):
+                if out is None:
+                    continue
+                if out.logits is not None:
+                    self._decode(i, ex, out.logits)
+                else:
+                    ex.evals += out.evals
+                    self._denoise(i, ex, out.velocity)
+        return exs
+
+    # -- the context ---------------------------------------------------------------------
+    def _put(self, i: int, ex: Example, token: int, typ: int, block: int = 0, ppos: int = 0,
+             latent=None, vpatch=None, vpos: int = 0):
+        if ex.n >= self.gen.max_len:
             raise OverflowError
-        b = self.buf
-        b["tokens"][i, ex.n], b["types"][i, ex.n] = token, typ
-        b["positions"][i, ex.n], b["segment_ids"][i, ex.n] = ex.pos, 1
-        b["blocks"][i, ex.n], b["patch_pos"][i, ex.n] = block, ppos
-        b["latents"][i, ex.n] = 0.0 if latent is None else latent
-        b["timesteps"][i, ex.n] = t
-        if "vit_patches" in b:
-            b["vit_patches"][i, ex.n] = 0.0 if vpatch is None else vpatch
-            b["vit_pos"][i, ex.n] = vpos
+        self.backend.put(i, ex.n, Token(int(token), typ, ex.pos, block, ppos, latent, vpatch,
+                                        vpos))
         ex.n += 1
 
     def _text(self, i, ex, token):
@@ -148,67 +263,36 @@ class Generator:
         ex.pos += 1
         ex.stream.append(int(token))
 
-    # -- the loop ------------------------------------------------------------------------
-    def __call__(self, prompts: Sequence[str], mode: str = "process") -> list[Generated]:
-        if mode not in ("process", "single_pass"):
-            raise ValueError(f"unknown generation mode {mode!r}")
-        t = self.tok
-        self._alloc(len(prompts))
-        call_seed = int(self.rng.integers(2 ** 63))
-        exs = [_Ex(n=0, pos=0, block=0, rng=np.random.default_rng([call_seed, i]))
-               for i in range(len(prompts))]
-        for i, (ex, p) in enumerate(zip(exs, prompts)):
-            for tok in [t.im_start] + t.encode(p, f"prompt {i}") + [t.im_end]:
-                self._text(i, ex, tok)
-            # The mode is chosen by the first decision after the prompt.
-            self._open(i, ex, t.im_start if mode == "process" else t.vision_start)
-        while any(ex.mode != "done" for ex in exs):
-            self._turn(exs, mode)
-        return [self._result(p, ex, mode) for p, ex in zip(prompts, exs)]
+    def _room_for_noisy(self, ex) -> None:
+        # The noisy block sits after the context while it is denoised.
+        if ex.n + self.etok.num_patches > self.gen.max_len:
+            ex.mode, ex.hit_cap = "done", True
 
-    def _turn(self, exs, mode):
-        active = [ex for ex in exs if ex.mode != "done"]
-        need = max(ex.n + (self.etok.num_patches if ex.mode == "image" else 0) for ex in active)
-        L = next(b for b in self.buckets if b >= need)
-        q = np.array([max(ex.n - 1, 0) for ex in exs], np.int32)
-        img = np.array([ex.n if ex.mode == "image" else 0 for ex in exs], np.int32)
-        args = {k: v[:, :L] for k, v in self.buf.items()}
-        logits, vel = self._fwd(self.params, args["tokens"], args["types"], args["positions"],
-                                args["segment_ids"], args["blocks"], args["patch_pos"],
-                                args["latents"], args["timesteps"], q, img,
-                                args.get("vit_patches"), args.get("vit_pos"))
-        logits, vel = np.asarray(logits), np.asarray(vel)
-        for i, ex in enumerate(exs):
-            if ex.mode == "text":
-                self._decode(i, ex, logits[i], mode)
-            elif ex.mode == "image":
-                ex.evals += 1
-                self._denoise(i, ex, vel[i])
-
-    def _decode(self, i, ex, logits, mode):
-        t = self.tok
-        capped = ex.sketches >= self.max_iterations
+    # -- decisions -----------------------------------------------------------------------
+    def _decode(self, i, ex, logits):
+        t, opts, g = self.tok, self.opts, self.gen
+        capped = ex.sketches >= opts.max_iterations
         if ex.in_segment:
-            allowed = self.in_text.copy()
-            if ex.seg_tokens >= self.max_text_tokens:
+            allowed = g.in_text.copy()
+            if ex.seg_tokens >= opts.max_text_tokens:
                 allowed[:] = False
                 allowed[t.im_end] = True
                 ex.hit_cap = True
             elif ex.seg_tokens == 0 and capped:
                 allowed[t.ids["<ins>"]] = False  # no new iteration past the cap
         else:
-            allowed = self.top_level.copy()
+            allowed = g.top_level.copy()
             allowed[t.vision_start] = False
             last, image_since = self._last_segment(ex)
             if not image_since and last in ("plan", "refine"):
                 allowed[:] = False  # a plan or a <refine> is always followed by its image
                 allowed[t.vision_start] = True
-            elif mode == "single_pass" or (capped and (last == "inspect" or
-                                                       (last == "refine" and image_since))):
-                ex.hit_cap |= mode == "process"
+            elif self.mode == "single_pass" or (capped and (last == "inspect" or
+                                                            (last == "refine" and image_since))):
+                ex.hit_cap |= self.mode == "process"
                 allowed[:] = False
                 allowed[t.end_of_episode] = True
-        token = pick_token(logits, allowed, self.text_temperature, ex.rng)
+        token = pick_token(logits, allowed, opts.text_temperature, ex.rng)
         self._open(i, ex, token)
 
     def _open(self, i, ex, token):
@@ -217,7 +301,7 @@ class Generator:
             if token == t.vision_start:
                 ex.mode, ex.k, ex.block = "image", 0, ex.block + 1
                 ex.x = ex.rng.standard_normal((self.etok.num_patches, self.etok.patch_dim)).astype(np.float32)
-                self._write_noisy(i, ex)
+                self._room_for_noisy(ex)
                 return
             if token == t.end_of_episode:
                 self._text(i, ex, token)
@@ -233,30 +317,14 @@ class Generator:
         except OverflowError:
             ex.mode, ex.hit_cap = "done", True
 
-    def _write_noisy(self, i, ex):
-        n, P = ex.n, self.etok.num_patches
-        if n + P > self.max_len:
-            ex.mode, ex.hit_cap = "done", True
-            return
-        b = self.buf
-        sl = slice(n, n + P)
-        b["tokens"][i, sl], b["types"][i, sl] = self.tok.pad_id, NOISY
-        b["positions"][i, sl], b["segment_ids"][i, sl] = ex.pos, 1
-        b["blocks"][i, sl], b["patch_pos"][i, sl] = ex.block, np.arange(P)
-        b["latents"][i, sl], b["timesteps"][i, sl] = ex.x, self.ts[ex.k]
-
-    def _drop_noisy(self, i, ex):
-        # Replace the noisy block by the clean copy; later tokens see only this.
-        self.buf["segment_ids"][i, ex.n:ex.n + self.etok.num_patches] = 0
-
+    # -- images --------------------------------------------------------------------------
     def _denoise(self, i, ex, v):
         ex.x = ex.x - v * (self.ts[ex.k] - self.ts[ex.k + 1])
         ex.k += 1
         ex.nfe += 1
-        if ex.k < self.flow_steps:
-            self._write_noisy(i, ex)
+        if ex.k < self.opts.flow_steps:
+            self._room_for_noisy(ex)
             return
-        self._drop_noisy(i, ex)
         pixels = np.clip(np.round((ex.x + 1.0) * 127.5), 0, 255).astype(np.uint8)
         h, w, c = self.etok.image_shape
         img = unpatchify(pixels, (h, w), self.etok.patch, c)
@@ -264,6 +332,7 @@ class Generator:
         ex.canvas = clean
         ex.block += 1
         try:
+            # The clean copy replaces the noisy block, at its position (tokenizer.py).
             self._put(i, ex, self.tok.vision_start, TEXT, ex.block)
             for j in range(self.etok.num_patches):
                 self._put(i, ex, self.tok.pad_id, CLEAN, ex.block, j, clean[j])
@@ -310,27 +379,6 @@ class Generator:
                         return kind, image_since
                 return "other", image_since
         return "other", image_since
-
-    # -- results -------------------------------------------------------------------------
-    def _result(self, prompt, ex, mode) -> Generated:
-        parts, images, cur = [], [], []
-        for s in ex.stream:
-            if isinstance(s, np.ndarray):
-                parts.append(("text", self.tok.decode(cur)))
-                cur = []
-                parts.append(("image", s))
-                images.append(s)
-            else:
-                cur.append(s)
-        parts.append(("text", self.tok.decode(cur)))
-        text = " ".join(c if m == "text" else "<image>" for m, c in parts if m == "image" or c)
-        episode, error = None, None
-        try:
-            episode = parse_stream(prompt, parts, mode, self.etok.image_shape)
-        except ep.EpisodeError as e:
-            error = str(e)
-        return Generated(prompt, mode, text, images, ex.nfe, episode, error, ex.hit_cap,
-                         ex.evals)
 
 
 _SEG_RE = re.compile(r"<\|im_start\|>(.*?)<\|im_end\|>", re.S)

@@ -19,9 +19,9 @@ from typing import Sequence
 
 import numpy as np
 
-from strokes_jax import episode as ep
-from strokes_jax.data import trajectories as tr
-from strokes_jax.worlds import grammar, prompts, shapes
+from strokes_jax.episodes import episode as ep
+from strokes_jax.episodes import trajectories as tr
+from strokes_jax.worlds import checker, grammar, prompts, shapes
 from strokes_jax.worlds.grammar import Command, Issue, Verdict
 from strokes_jax.worlds.prompts import Prompt
 from strokes_jax.worlds.shapes import Obj
@@ -83,9 +83,9 @@ def image_step(kind: str, state: tuple, x: Obj, drawn_obj: Obj | None) -> tuple[
     step = _critiqued_step(Command("add", x), intended, drawn, Verdict(image_issue=issue), fix,
                            intended)
     # The drawing disagrees with its own plan: as a flow target it would teach drawing the
-    # wrong thing for a right plan (in the reproduction at 1000 steps, 25% of such episodes
-    # turned the first sketch into blobs: full method 0.067 against additive-only 0.983).
-    # It is context for the inspection only, like the model's own drawings in self-critique.
+    # wrong thing for a right plan (the model learns to turn its sketches into blobs; see
+    # docs/design.md). It is context for the inspection only, like the model's own drawings
+    # in self-critique.
     step.sketch_target = False
     return step, intended
 
@@ -128,20 +128,6 @@ def text_options(kind: str, prompt: Prompt, state: tuple, x: Obj | None,
     return out
 
 
-def violation_fix(v: prompts.Violation) -> tuple[Issue, Command]:
-    """What the checker says about a partial_check violation, and the command that fixes it."""
-    if v.kind == "color":
-        return Issue("color", v.obj, color=v.color), Command("recolour", v.obj, color=v.color)
-    if v.kind == "place":
-        if v.cell is None:
-            raise tr.TrajectoryError(f"no free cell puts {v.obj} {v.relation} {v.other}")
-        return (Issue("relation", v.obj, relation=v.relation, other=v.other),
-                Command("move", v.obj, cell=v.cell))
-    if v.kind == "extra":
-        return Issue("extra", v.obj), Command("remove", v.obj)
-    raise ValueError(f"unknown violation kind {v.kind!r}")
-
-
 def text_step(kind: str, prompt: Prompt, state: tuple, wrong: Obj) -> tuple[ep.Step, tuple]:
     """The text-side critiqued step whose plan adds `wrong`, and the fixed state; the issue and
     fix come from partial_check's Violation, so they match what the checker would say."""
@@ -149,7 +135,10 @@ def text_step(kind: str, prompt: Prompt, state: tuple, wrong: Obj) -> tuple[ep.S
     (v,) = prompts.partial_check(drawn, prompt)[0]
     if kind not in ("text:color", "text:relation", "text:extra"):
         raise ValueError(f"unknown text-side critique {kind!r}")
-    issue, fix = violation_fix(v)
+    try:
+        issue, fix = checker.violation_fix(v)
+    except checker.Unfixable as e:
+        raise tr.TrajectoryError(str(e)) from e
     fixed = fix.apply(drawn)
     if prompts.partial_check(fixed, prompt)[0]:
         raise tr.TrajectoryError(f"fix {fix.text()!r} leaves violations in {fixed}")

@@ -2,7 +2,7 @@
 tokens), and the episode tokenizer that lays an Episode out as the model's interleaved
 sequence.
 
-Sequence layout of one episode (our choice, see DESIGN.md):
+Sequence layout of one episode (sequence/layout.py names its tokens and fields):
 
   <|im_start|> prompt <|im_end|>                                  PROMPT
   <|im_start|> <ins> .. </ins> <des> .. </des> <|im_end|>          PLAN
@@ -25,10 +25,11 @@ ViT tokens (type VIT) carry uint8 pixel patches at the ViT patch size (`vit_patc
 their index into the ViT's learned position table (`vit_pos` = row * vit_max_side + col).
 As in BAGEL's pack_sequence, each image element holds one RoPE position: the noisy and clean
 copies share position r (the clean copy replaces the noisy one at inference), the ViT copy
-with its markers is the next element at r + 1, and the following text starts at r + 2. The mask needs no new rule: the ViT block comes after the
-clean one, so it sees the clean copy and what came before (as BAGEL's "full" split does),
-never the noisy copy, and every later token sees both clean and ViT copies. The ViT copy is
-forced by the layout, not predicted: the clean copy's `<|vision_end|>` has no CE target and
+with its markers is the next element at r + 1, and the following text starts at r + 2. The
+mask needs no new rule: the ViT block comes after the clean one, so it sees the clean copy
+and what came before (as BAGEL's "full" split does), never the noisy copy, and every later
+token sees both clean and ViT copies. The ViT copy is forced by the layout, not predicted:
+the clean copy's `<|vision_end|>` has no CE target and
 the ViT copy's `<|vision_end|>` predicts what follows the image.
 """
 
@@ -43,19 +44,10 @@ import numpy as np
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
-from strokes_jax import episode as ep
-
-PAD, UNK = "<pad>", "<unk>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
-VISION_START, VISION_END = "<|vision_start|>", "<|vision_end|>"
-END_OF_EPISODE = "<|endofepisode|>"
-TAGS = ("<ins>", "</ins>", "<des>", "</des>", "<inspect>", "</inspect>", "<refine>", "</refine>")
-SPECIALS = (PAD, UNK, IM_START, IM_END, VISION_START, VISION_END, END_OF_EPISODE) + TAGS
-
-# Token types (expert routing: latents go to the generation expert, the rest to understanding).
-# VIT must equal strokes_jax.model.unified.VIT (that module imports this one, not vice versa).
-TEXT, NOISY, CLEAN, VIT = 0, 1, 2, 3
-
+from strokes_jax.episodes import episode as ep
+from strokes_jax.sequence.layout import (CLEAN, END_OF_EPISODE, IM_END, IM_START, NOISY, PAD, SPECIALS,
+                                        TAGS, TEXT, TOKEN_FIELDS, UNK, VISION_END,
+                                        VISION_START, VIT)
 
 class TokenizerError(ValueError):
     pass
@@ -124,12 +116,6 @@ def unpatchify(tokens: np.ndarray, hw: tuple[int, int], patch: int, channels: in
     h, w = hw
     x = tokens.reshape(h // patch, w // patch, patch, patch, channels).transpose(0, 2, 1, 3, 4)
     return x.reshape(h, w, channels)
-
-
-FIELDS = ("tokens", "types", "stages", "targets", "target_stages", "positions", "blocks",
-          "patch_pos")
-# Extra per-token arrays when the ViT copy is packed: uint8 [n, vit_patch_dim] and int32 [n].
-VIT_FIELDS = ("vit_patches", "vit_pos")
 
 
 def vit_positions(h_patches: int, w_patches: int, max_side: int) -> np.ndarray:
@@ -206,7 +192,7 @@ class EpisodeTokenizer:
         episode.validate(self.image_shape)
         drop = drop or CondDrop()
         rec = f"episode {episode.id!r}"
-        cols = {k: [] for k in FIELDS}
+        cols = {k: [] for k in TOKEN_FIELDS}
         patches: list[np.ndarray] = []
         zero_patch = np.zeros((self.patch_dim,), np.uint8)
         pos, block, image_k = 0, 0, -1
@@ -221,7 +207,7 @@ class EpisodeTokenizer:
             if force_next[0] and typ != NOISY:
                 forced.append(len(patches))
                 force_next[0] = False
-            for k, v in zip(FIELDS, (tok, typ, stage, 0, 0, position, blk, ppos)):
+            for k, v in zip(TOKEN_FIELDS, (tok, typ, stage, 0, 0, position, blk, ppos)):
                 cols[k].append(v)
             patches.append(patch)
             if vit:

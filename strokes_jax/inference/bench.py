@@ -1,12 +1,12 @@
-"""Cached vs uncached generation speed on a batch of 3-iteration episodes (issue 5, part 2).
+"""Cached vs uncached generation speed on a batch of 3-iteration episodes.
 
-    python -m strokes_jax.generate_bench [--config default|test] [--batch 4] [--out x.json]
+    python -m strokes_jax bench-generate [--config test] [--batch 4] [--out x.json]
 
 An untrained model would not paint three iterations on its own, so the real model is
 `Steered`: every call runs the real forward pass (the cost being measured), then its logits
 and velocities are replaced by an oracle's that follow a reference episode per row (next
 token of the reference stream; exact rectified-flow velocity to the reference image). Both
-generators therefore make the same decisions and the same number of calls as on a trained
+backends therefore make the same decisions and the same number of calls as on a trained
 model that produced those episodes.
 """
 
@@ -21,12 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from strokes_jax import tokenizer as tk
-from strokes_jax.data import trajectories
-from strokes_jax.evaluate import report
-from strokes_jax.generate import Generator
-from strokes_jax.generate_cached import CachedGenerator
+from strokes_jax.sequence import tokenizer as tk
+from strokes_jax.episodes import mixer
+from strokes_jax import provenance
+from strokes_jax.inference.generator import Generator, SamplingOptions
+from strokes_jax.inference.kv_cache import KVCacheBackend
+from strokes_jax.inference.uncached import UncachedBackend
 from strokes_jax.model.unified import ModelConfig, UnifiedModel
+from strokes_jax.sequence import layout
 
 
 class Steered:
@@ -39,7 +41,7 @@ class Steered:
         streams, images = [], []
         for ref in refs:
             a = etok(ref)
-            streams.append(np.append(a["tokens"][a["types"] != tk.NOISY], etok.tok.pad_id))
+            streams.append(np.append(a["tokens"][a["types"] != layout.NOISY], etok.tok.pad_id))
             images.append(np.stack([tk.patchify(np.asarray(im), etok.patch).astype(np.float32)
                                     / 127.5 - 1.0 for im in ref.images()]))
         n, m = max(map(len, streams)), max(map(len, images))
@@ -61,7 +63,7 @@ class Steered:
             out = (self.model.apply(variables, *args, **vit) if cache is None
                    else self.model.apply(variables, *args, cache=cache, **vit))
         rows = jnp.arange(tokens.shape[0]) % self.stream.shape[0]
-        clean = (segment_ids > 0) & (types != tk.NOISY)
+        clean = (segment_ids > 0) & (types != layout.NOISY)
         base = 0 if cache is None else cache["lengths"][:, None]
         k = base + jnp.cumsum(clean, axis=1) - 1  # clean-stream index of the last clean token
         k1 = jnp.clip(k + 1, 0, self.stream.shape[1] - 1)
@@ -82,7 +84,7 @@ class Steered:
 
 def reference_episodes(iterations: int, n: int, seed: int = 5, kind: str = "additive"):
     """n episodes with exactly `iterations` plan/sketch steps."""
-    out = [e for e in trajectories.generate_episodes(seed, 400, {kind: 1.0})
+    out = [e for e in mixer.generate_episodes(seed, 400, {kind: 1.0})
            if len(e.steps) == iterations]
     if len(out) < n:
         raise ValueError(f"only {len(out)} {kind} episodes with {iterations} steps")
@@ -91,7 +93,7 @@ def reference_episodes(iterations: int, n: int, seed: int = 5, kind: str = "addi
 
 def run(config_name: str = "", batch: int = 4, iterations: int = 3, flow_steps: int | None = None,
         repeats: int = 2, seed: int = 0) -> dict:
-    from configs import shapes_tiny
+    from strokes_jax.configs import shapes_tiny
 
     config = shapes_tiny.get_config(config_name or None)
     w = config.world
@@ -106,16 +108,17 @@ def run(config_name: str = "", batch: int = 4, iterations: int = 3, flow_steps: 
     refs = reference_episodes(iterations, batch)
     steered = Steered(model, etok, refs)
     steps = flow_steps or config.flow["sample_steps"]
-    kw = dict(max_len=config.data.seq_len, flow_steps=steps, shift=config.flow["sample_shift"],
-              max_iterations=iterations, max_text_tokens=64, seed=seed)
+    options = SamplingOptions(flow_steps=steps, shift=config.flow["sample_shift"],
+                              max_iterations=iterations, max_text_tokens=64)
     prompts = [r.prompt for r in refs]
-    result = {"commit": report.git_commit(), "device": report.device_info(),
+    result = {"commit": provenance.git_commit(), "device": provenance.device_info(),
               "config": config_name or "default",
               "model": config.model.to_dict(), "batch": batch, "iterations": iterations,
               "flow_steps": steps, "max_len": config.data.seq_len}
     outs = {}
-    for name, cls in (("uncached", Generator), ("cached", CachedGenerator)):
-        gen = cls(steered, params, etok, **kw)
+    for name, backend in (("uncached", UncachedBackend), ("cached", KVCacheBackend)):
+        gen = Generator(backend(steered, etok, max_len=config.data.seq_len), params,
+                        options=options, seed=seed)
         t0 = time.time()
         gen(prompts, "process")  # compiles every shape the loop uses
         compile_s = time.time() - t0
@@ -136,9 +139,9 @@ def run(config_name: str = "", batch: int = 4, iterations: int = 3, flow_steps: 
     return result
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", default="", help="configs/shapes_tiny.py variant ('' or 'test')")
+def main(argv=None, prog: str = "python -m strokes_jax bench-generate") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="", help="shapes_tiny variant ('' or 'test')")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--flow_steps", type=int, default=None, help="default: config flow.sample_steps")
@@ -151,7 +154,4 @@ def main(argv=None):
     if a.out:
         with open(a.out, "w") as f:
             f.write(text + "\n")
-
-
-if __name__ == "__main__":
-    main()
+    return 0

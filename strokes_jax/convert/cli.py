@@ -1,8 +1,7 @@
-"""`python -m strokes_jax convert <command>` (or `python -m strokes_jax.convert <command>`;
-both run `main` below with the same parser):
+"""`python -m strokes_jax convert <command>`:
 
   bagel   --ema ema.safetensors --ae ae.safetensors --out DIR [--tokenizer tokenizer.json]
-          [--config configs/bagel7b_process.py[:variant]] [--dtype float32|bfloat16|keep]
+          [--config bagel7b_process[:variant]] [--dtype float32|bfloat16|keep]
           [--init_gen_from_und]
           BAGEL-7B-MoT safetensors -> DIR/params (Orbax {'model', 'vae'}) + conversion.json
   params  [--config ...]   parameter counts of the config's model from jax.eval_shape
@@ -11,21 +10,14 @@ both run `main` below with the same parser):
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "bagel7b_process.py")
+DEFAULT_CONFIG = "bagel7b_process"
 
 
 def load_config(spec: str):
-    """`path[:variant]` -> ConfigDict, as ml_collections' config flags resolve it."""
-    import importlib.util
-    path, _, arg = spec.partition(":")
-    mod_spec = importlib.util.spec_from_file_location("_strokes_config", path)
-    mod = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(mod)
-    return mod.get_config(arg or None)
+    """`NAME[:ARG]` or `PATH[:ARG]` -> the checked ConfigDict (strokes_jax.configs.load)."""
+    from strokes_jax import configs
+    return configs.load(spec)
 
 
 def configs_of(config):
@@ -36,7 +28,7 @@ def configs_of(config):
     return ModelConfig.from_config(config.model), AEConfig(**vae)
 
 
-def build_parser(prog: str = "python -m strokes_jax.convert") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m strokes_jax convert") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog)
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bagel")
@@ -54,7 +46,7 @@ def build_parser(prog: str = "python -m strokes_jax.convert") -> argparse.Argume
     return ap
 
 
-def main(argv=None, prog: str = "python -m strokes_jax.convert") -> int:
+def main(argv=None, prog: str = "python -m strokes_jax convert") -> int:
     """Runs a conversion command; argv without the program name (sys.argv[1:] by default)."""
     args = build_parser(prog).parse_args(argv)
 
@@ -70,7 +62,3 @@ def main(argv=None, prog: str = "python -m strokes_jax.convert") -> int:
                          dtype=dtype, init_gen_from_und=args.init_gen_from_und)
     print(f"wrote {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

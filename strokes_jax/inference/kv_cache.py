@@ -1,9 +1,8 @@
-"""The generation loop of generate.py over a KV cache (issue 5, part 2).
+"""The KV-cache backend: the same contexts as the uncached one, decoded incrementally.
 
-Same state machine, constraints, caps, NFE counting and outputs as Generator; only the model
-calls differ. The prompt is prefilled once; a chosen text token is run alone against the
-cache and appended (its logits give the next decision); an image's noisy block is run
-against the cache every flow step without being written; the finished image's clean copy
+The prompt is prefilled once; a chosen text token is run alone against the cache and
+appended (its logits give the next decision); an image's noisy block is run against the
+cache every flow step without being written; the finished image's clean copy
 <|vision_start|> latents <|vision_end|> is run once and appended, and its last logits give the
 decision after the image. Rows of a batch are in different phases, so each call carries a
 slab of new tokens per row (one text token, a noisy block, a clean block or a prompt chunk),
@@ -22,88 +21,62 @@ denoising steps, the paper's unit; `nfe_evals` on each result counts model evalu
 from __future__ import annotations
 
 import dataclasses
+from typing import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
-from strokes_jax import flow
-from strokes_jax.generate import Generator
+from strokes_jax.inference.generator import Example, SamplingOptions, StepOut, Token
 from strokes_jax.model import cache as kvc
-from strokes_jax.tokenizer import NOISY
+from strokes_jax.model import flow
+from strokes_jax.sequence.layout import NOISY
+from strokes_jax.sequence.tokenizer import EpisodeTokenizer
 
 _FIELDS = ("tokens", "types", "positions", "blocks", "patch_pos", "timesteps")
 
 
-@dataclasses.dataclass
-class _Pending:
-    """A token waiting to be run and written into the cache."""
-
-    token: int
-    typ: int
-    pos: int
-    block: int
-    ppos: int
-    latent: np.ndarray | None
-    t: float
-    vpatch: np.ndarray | None = None  # a ViT token's pixels
-    vpos: int = 0
-
-
-class CachedGenerator(Generator):
-    def __init__(self, model, params, etok, *, cfg_text_scale: float = 1.0,
-                 cfg_img_scale: float = 1.0, cfg_interval: tuple[float, float] = (0.4, 1.0),
-                 cfg_renorm: str = "global", slab_widths=(1,), **kw):
-        super().__init__(model, params, etok, **kw)
+class KVCacheBackend:
+    def __init__(self, model, etok: EpisodeTokenizer, *, max_len: int, slab_widths=(1,)):
+        self.model, self.etok, self.max_len = model, etok, max_len
         # A clean or ViT block must fit one call (bidirectional).
         self.width = max(etok.num_patches, etok.vit_num_patches) + 2
         self.widths = sorted({w for w in slab_widths if 0 < w < self.width} | {self.width})
-        self.cfg_text_scale, self.cfg_img_scale = cfg_text_scale, cfg_img_scale
-        self.cfg_interval, self.cfg_renorm = cfg_interval, cfg_renorm
-        # The unconditional contexts kept, in row-slot order after the conditional rows.
-        self.uncond = tuple(k for k, s in (("text", cfg_text_scale), ("img", cfg_img_scale))
-                            if s != 1.0)
-        self.cfg = bool(self.uncond)
         self._step = kvc.make_decode_step(model.apply)
         # The cache holds no latents, so a noisy block's canvas comes from the host.
         self.canvas = bool(getattr(model.cfg, "canvas_skip", False))
+        self.cache = None
 
-    # -- buffers: the cache on device, pending tokens on the host ------------------------
-    def _alloc(self, batch: int):
+    # -- one call's contexts: the cache on device, pending tokens on the host -------------
+    def begin(self, batch: int, options: SamplingOptions, ts: np.ndarray) -> None:
+        self.opts, self.ts = options, ts
+        # The unconditional contexts kept, in row-slot order after the conditional rows.
+        self.uncond = tuple(k for k, s in (("text", options.cfg_text_scale),
+                                           ("img", options.cfg_img_scale)) if s != 1.0)
         self.batch = batch
         self.rows = batch * (1 + len(self.uncond))
         self.cache = kvc.init_cache(self.model.cfg, self.rows, self.max_len)
-        self.pending = [[] for _ in range(self.rows)]
+        self.pending: list[list[Token]] = [[] for _ in range(self.rows)]
         self.u_pos = {k: [0] * batch for k in self.uncond}  # next RoPE position per context
+
+    def end(self) -> None:
+        self.cache = None  # freed between calls; the next call allocates its own
 
     def _urow(self, kind: str, i: int) -> int:
         return (1 + self.uncond.index(kind)) * self.batch + i
 
-    def _put(self, i, ex, token, typ, block=0, ppos=0, latent=None, t=0.0, vpatch=None, vpos=0):
-        if ex.n >= self.max_len:  # the same bound as the uncached buffer
-            raise OverflowError
-        self.pending[i].append(_Pending(int(token), typ, ex.pos, block, ppos, latent, t,
-                                        vpatch, vpos))
+    def put(self, i: int, n: int, tok: Token) -> None:
+        self.pending[i].append(tok)
         for kind in self.uncond:
             # Image tokens (block > 0) go to the text-free context, text to the image-free.
-            if (block > 0) != (kind == "text"):
+            if (tok.block > 0) != (kind == "text"):
                 continue
             pos = self.u_pos[kind]
-            self.pending[self._urow(kind, i)].append(
-                _Pending(int(token), typ, pos[i], block, ppos, latent, t, vpatch, vpos))
-            if kind == "img" or token == self.tok.vision_end:
+            self.pending[self._urow(kind, i)].append(dataclasses.replace(tok, pos=pos[i]))
+            if kind == "img" or tok.token == self.etok.tok.vision_end:
                 pos[i] += 1
-        ex.n += 1
-
-    def _write_noisy(self, i, ex):
-        # Nothing to write; keep the uncached loop's room check so both stop alike.
-        if ex.n + self.etok.num_patches > self.max_len:
-            ex.mode, ex.hit_cap = "done", True
-
-    def _drop_noisy(self, i, ex):
-        pass  # never written
 
     # -- one call ------------------------------------------------------------------------
-    def _chunk(self, pending: list[_Pending]) -> int:
+    def _chunk(self, pending: list[Token]) -> int:
         """How many pending tokens go in the next call: a whole image block, or text up to
         the slab width and not into a block."""
         if pending[0].block > 0:
@@ -116,11 +89,12 @@ class CachedGenerator(Generator):
             n += 1
         return n
 
-    def _cfg_on(self, ex) -> bool:
+    def _cfg_on(self, ex: Example) -> bool:
         t = float(self.ts[ex.k])
-        return self.cfg and self.cfg_interval[0] < t <= self.cfg_interval[1]
+        lo, hi = self.opts.cfg_interval
+        return bool(self.uncond) and lo < t <= hi
 
-    def _turn(self, exs, mode):
+    def step(self, params, exs: Sequence[Example]) -> list[StepOut | None]:
         P, B = self.etok.num_patches, self.batch
         # Per row: ("write", n) | ("noisy", example) | None.
         plan: list = [None] * self.rows
@@ -155,13 +129,13 @@ class CachedGenerator(Generator):
                 continue
             if p[0] == "write":
                 for j, tok in enumerate(self.pending[r][:p[1]]):
-                    self._set(slab, r, j, tok)
+                    _set(slab, r, j, tok)
                 n_write[r], q[r] = p[1], p[1] - 1
             else:
                 ex = p[1]
                 pos = ex.pos if r < B else self.u_pos[self.uncond[r // B - 1]][r % B]
                 sl = slice(0, P)
-                slab["tokens"][r, sl], slab["types"][r, sl] = self.tok.pad_id, NOISY
+                slab["tokens"][r, sl], slab["types"][r, sl] = self.etok.tok.pad_id, NOISY
                 slab["positions"][r, sl], slab["blocks"][r, sl] = pos, ex.block
                 slab["patch_pos"][r, sl], slab["latents"][r, sl] = np.arange(P), ex.x
                 slab["timesteps"][r, sl], slab["valid"][r, sl] = self.ts[ex.k], True
@@ -169,38 +143,41 @@ class CachedGenerator(Generator):
                 if self.canvas and ex.canvas is not None and (
                         r < B or self.uncond[r // B - 1] != "img"):
                     slab["canvas"][r, sl] = ex.canvas
-        logits, vel, self.cache = self._step(self.params, self.cache,
+        logits, vel, self.cache = self._step(params, self.cache,
                                              {k: jnp.asarray(v) for k, v in slab.items()},
                                              jnp.asarray(n_write), jnp.asarray(q))
         logits, vel = np.asarray(logits), np.asarray(vel)
         for r, p in enumerate(plan):
             if p is not None and p[0] == "write":
                 del self.pending[r][:p[1]]
+        outs: list[StepOut | None] = [None] * len(exs)
         for i, ex in enumerate(exs):
             p = plan[i]
             if p is None:
                 continue
             if p[0] == "write":
+                # The logits after a written chunk decide only once the context is complete.
                 if not self.pending[i] and ex.mode == "text":
-                    self._decode(i, ex, logits[i], mode)
+                    outs[i] = StepOut(logits=logits[i])
                 continue
-            v = vel[i, :P]
-            ex.evals += 1
-            if self.cfg and plan[self._urow(self.uncond[0], i)] is not None:
+            v, evals = vel[i, :P], 1
+            if self.uncond and plan[self._urow(self.uncond[0], i)] is not None:
                 u = {k: vel[self._urow(k, i), :P][None] for k in self.uncond}
-                ex.evals += len(u)
-                v = np.asarray(flow.cfg_combine(v[None], u.get("text"), self.cfg_text_scale,
-                                                self.cfg_renorm, u.get("img"),
-                                                self.cfg_img_scale))[0]
-            self._denoise(i, ex, v)
+                evals += len(u)
+                o = self.opts
+                v = np.asarray(flow.cfg_combine(v[None], u.get("text"), o.cfg_text_scale,
+                                                o.cfg_renorm, u.get("img"),
+                                                o.cfg_img_scale))[0]
+            outs[i] = StepOut(velocity=v, evals=evals)
+        return outs
 
-    @staticmethod
-    def _set(slab, r, j, tok: _Pending):
-        slab["tokens"][r, j], slab["types"][r, j] = tok.token, tok.typ
-        slab["positions"][r, j], slab["blocks"][r, j] = tok.pos, tok.block
-        slab["patch_pos"][r, j], slab["timesteps"][r, j] = tok.ppos, tok.t
-        if tok.latent is not None:
-            slab["latents"][r, j] = tok.latent
-        if tok.vpatch is not None:
-            slab["vit_patches"][r, j], slab["vit_pos"][r, j] = tok.vpatch, tok.vpos
-        slab["valid"][r, j] = True
+
+def _set(slab, r, j, tok: Token):
+    slab["tokens"][r, j], slab["types"][r, j] = tok.token, tok.typ
+    slab["positions"][r, j], slab["blocks"][r, j] = tok.pos, tok.block
+    slab["patch_pos"][r, j] = tok.ppos
+    if tok.latent is not None:
+        slab["latents"][r, j] = tok.latent
+    if tok.vpatch is not None:
+        slab["vit_patches"][r, j], slab["vit_pos"][r, j] = tok.vpatch, tok.vpos
+    slab["valid"][r, j] = True
