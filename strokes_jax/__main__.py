@@ -88,22 +88,61 @@ def main(argv):
     if cmd == "build-data":
         loop.prepare_data(config, workdir)
         return
-    timings = {}
     if cmd in ("demo", "train"):
         from strokes_jax.evaluate.train_images import TrainImages
         sources = loop.prepare_data(config, workdir)
-        timings["data"] = time.time() - t0
+        data_seconds = time.time() - t0
         setup, summary = loop.train(config, workdir, sources, eval_hooks=[TrainImages(config)])
-        timings["train"] = summary["train_seconds"]
-        print(f"trained {summary['start_step']} -> {summary['end_step']} steps; last losses "
-              f"{summary['losses'][-3:]}")
+        start, end = summary["start_step"], summary["end_step"]
+        if end > start:
+            record = loop.update_record(workdir, {}, timings={
+                "data": data_seconds, "train": loop.training_record(workdir)["train_seconds"]})
+            last = summary["losses"][-1] if summary["losses"] else None
+            print(f"trained {start} -> {end} steps in {summary['train_seconds']:.0f}s"
+                  + (f"; loss {last[1]:.4f} at step {last[0]}" if last else ""), flush=True)
+        else:
+            record = loop.training_record(workdir) or summary
+            print(f"checkpoint at step {end} found in {os.path.join(workdir, 'checkpoints')}: "
+                  f"nothing to train (train.steps={config.train.steps})", flush=True)
         if cmd == "train" or summary["preempted"]:
             return  # preempted: the checkpoint is saved; rerun the command to resume
     else:
-        setup, summary = loop.restore_for_eval(config, workdir)
-    payload = job.run(setup, config, workdir, config_name, summary, timings)
-    payload["timings"]["total"] = time.time() - t0
+        setup, record = loop.restore_for_eval(config, workdir)
+    payload = job.run(setup, config, workdir, config_name, record, dict(record.get("timings", {})))
+    payload["timings"]["this_command"] = time.time() - t0
     _print_summary(payload)
+
+
+# Notices that native libraries write straight to the stderr file descriptor at import, for
+# every run: absl's "before InitializeLog" preamble, TensorFlow's oneDNN and CPU-feature notes.
+_NATIVE_NOTICES = ("All log messages before absl::InitializeLog()", "oneDNN custom operations",
+                   "cpu_feature_guard", "To enable the following instructions",
+                   "rebuild TensorFlow with the appropriate compiler flags")
+
+
+def _import_native_quietly() -> None:
+    """Imports TensorFlow (TFDS and clu use it) and JAX's CPU backend with file descriptor 2
+    captured, then passes on every line that is not one of the known notices."""
+    import tempfile
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            try:
+                import tensorflow  # noqa: F401
+            except ImportError:
+                pass
+            import jax
+            jax.devices()
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        tmp.seek(0)
+        for line in tmp.read().decode(errors="replace").splitlines():
+            if line.strip() and not any(n in line for n in _NATIVE_NOTICES):
+                print(line, file=sys.stderr)
 
 
 def _fail(message: str) -> None:
@@ -187,6 +226,7 @@ def run(argv=None):
     except (configs.ConfigNotFound, flags.Error, KeyError, AttributeError, TypeError,
             ValueError) as e:
         _fail(_unknown_override(rest) or (e.args[0] if getattr(e, "args", None) else e))
+    _import_native_quietly()
     main([argv[0], cmd])
 
 

@@ -78,6 +78,7 @@ def test_previous_canvas_on_a_packed_row(etok):
     assert not got[types != NOISY].any()
 
 
+@pytest.mark.slow
 def test_zero_head_redraws_the_canvas_exactly(etok):
     """With llm2vae at zero the x-head's prediction is the canvas, so every image after the
     first is the previous one, bit for bit, cached and uncached (the text is steered)."""

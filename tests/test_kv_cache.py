@@ -321,6 +321,7 @@ def test_image_cfg_contexts(etok, model, params, monkeypatch):
     assert np.abs(plain.images[-1].astype(int) - out.images[-1].astype(int)).max() > 0
 
 
+@pytest.mark.slow
 def test_vit_copies_in_generation_cached_matches_uncached():
     """With ViT copies packed (data.vit_copies), each finished image goes back into the
     context a second time through the understanding path, as in training: its own block of

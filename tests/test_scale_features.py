@@ -58,6 +58,7 @@ def base(batch):
     return c, m, params, jax.jit(m.apply)({"params": params}, *_inputs(batch))
 
 
+@pytest.mark.slow
 def test_scanned_layers_match_the_loop(batch, base):
     c, _, params, (logits, vel) = base
     scanned = _model(_cfg(scan_layers=True))
@@ -248,6 +249,7 @@ def test_sparse_routing_matches_dense(batch, base, scan):
         np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_sparse_routing_falls_back_to_dense_when_counts_do_not_fit(batch, base):
     c, m, params, _ = base
     gen, und = _fill(batch)

@@ -427,3 +427,15 @@ def test_partial_check_missing_vs_violations():
     assert prompts.partial_check(objs[:1], cnt) == ([], [{"class": cls, "color": None}] * (n - 1))
     violations, missing = prompts.partial_check(objs, cnt)
     assert [(v.kind, v.obj) for v in violations] == [("extra", objs[-1])] and missing == []
+
+
+def test_prompts_use_genevals_articles():
+    """GenEval writes "an orange cow": a colour that starts with a vowel takes "an"."""
+    rng = np.random.default_rng(0)
+    texts = [prompts.sample_prompt(rng, tag).text for tag in ("colors", "color_attr")
+             for _ in range(300)]
+    orange = [t for t in texts if "orange" in t]
+    assert orange and all(" an orange" in t and " a orange" not in t for t in orange)
+    assert all(" an red" not in t for t in texts)
+    vocab = set(grammar.vocabulary())
+    assert all(w in vocab for t in texts for w in t.split())

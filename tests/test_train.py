@@ -93,7 +93,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, sources):
         assert np.isfinite(np.asarray(x)).all()
 
 
-def test_main_job_end_to_end(tmp_path):
+def test_main_job_end_to_end(tmp_path, capsys):
     """The demo command on the test config: data, training, both generation modes, scoring
     and the report, in one process."""
     from absl.testing import flagsaver  # noqa: F401  (absl is a dependency already)
@@ -146,6 +146,23 @@ def test_main_job_end_to_end(tmp_path):
         assert [e.step for e in acc.Tensors(tag)] == [4, 8]
     assert any(t.startswith("filmstrips/") for t in images)
     assert res["train"]["hook_seconds"] > 0
+
+    # `evaluate`, and the demo rerun on its finished checkpoint, keep the training record.
+    cli.FLAGS(["strokes_jax", f"--workdir={workdir}", f"--config={cli._DEFAULT_CONFIG}:test"])
+    try:
+        cli.main(["strokes_jax", "evaluate"])
+        cli.main(["strokes_jax", "demo"])
+    finally:
+        cli.FLAGS.unparse_flags()
+    out = capsys.readouterr().out
+    assert "nothing to train (train.steps=8)" in out and "last losses" not in out
+    with open(os.path.join(workdir, "report", "results.json")) as f:
+        again = json.load(f)
+    assert again["train"]["start_step"] == 0 and again["train"]["end_step"] == 8
+    assert again["train"]["losses"] == res["train"]["losses"] and again["train"]["losses"]
+    assert set(again["timings"]) >= {"data", "train", "generate_process"}
+    md = open(os.path.join(workdir, "report", "report.md")).read()
+    assert "steps 0 -> 8" in md and "loss by step: ." not in md
 
 
 def test_phase_two_starts_from_phase_one_and_mixes_in_an_extra_split(tmp_path, sources):

@@ -80,6 +80,19 @@ def _summarize(samples, bench) -> dict:
     return out
 
 
+def filmstrip_picks(samples, n: int) -> list:
+    """n samples taken from each category in turn (the first of each, then the second...),
+    so the filmstrips cover every category that has samples."""
+    by_tag: dict[str, list] = {}
+    for s in samples:
+        by_tag.setdefault(s.tag, []).append(s)
+    queues = list(by_tag.values())
+    out = []
+    for k in range(max((len(q) for q in queues), default=0)):
+        out += [q[k] for q in queues if k < len(q)]
+    return out[:n]
+
+
 def run(setup, config, workdir: str, config_name: str, train_summary: dict | None = None,
         timings: dict | None = None, modes=shapes_bench.MODES) -> dict:
     ec = config.eval
@@ -105,9 +118,8 @@ def run(setup, config, workdir: str, config_name: str, train_summary: dict | Non
         results["process"]["inspection_probe"] = inspection_probe.probe(
             setup.model, setup.state.eval_params(), setup.etok, items, config.data.seq_len)
         timings["inspection_probe"] = time.time() - t0
-    # The same evenly spaced (prompt, image) picks in every mode, side by side.
-    first = samples[modes[0]]
-    picks = first[::max(1, len(first) // max(ec.filmstrips, 1))][:ec.filmstrips]
+    # The same (prompt, image) picks in every mode, side by side, every category in turn.
+    picks = filmstrip_picks(samples[modes[0]], ec.filmstrips)
     strips = []
     for k, smp in enumerate(picks):
         for mode in modes:

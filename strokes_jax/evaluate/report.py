@@ -25,35 +25,56 @@ def _clean(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+def _font(size: int = 11):
+    """A real (FreeType) font: Pillow's bundled one where Pillow has FreeType, else DejaVu
+    from the system; the bitmap default only as the last resort (it squeezes spaces)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):
+        pass
+    for path in ("/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf", "DejaVuSans.ttf"):
+        try:
+            return ImageFont.truetype(path, size)
+        except OSError:
+            continue
+    return ImageFont.load_default()
+
+
 def filmstrip(prompt: str, text: str, images: Sequence[np.ndarray], path: str | None,
               title: str = "") -> np.ndarray:
-    """One panel per image, captioned with the text written since the previous image, plus a
-    final text panel for what followed the last image (inspection, end marker)."""
+    """One panel per image, captioned with the text written since the previous image, and
+    the text that followed the last image (its inspection, the end marker) in a last column
+    of text."""
     parts = text.split("<image>")
     captions = [_clean(p) for p in parts]
     if captions:
         captions[0] = _clean(captions[0].replace(prompt, "", 1))
-    font = ImageFont.load_default()
+    font = _font()
+    line_h = 14
     side = shapes.CANVAS * SCALE
-    panels = list(images) + ([None] if len(captions) > len(images) and captions[-1] else [])
+    tail = len(captions) > len(images) and captions[len(images)]
+    columns = len(images) + (1 if tail else 0)
     lines = [textwrap.wrap(captions[i] if i < len(captions) else "", CAPTION_CHARS)
-             for i in range(len(panels))]
-    cap_h = 12 * max([len(c) for c in lines] + [1]) + 8
-    width = max(1, len(panels)) * (side + 8) + 8
-    canvas = Image.new("RGB", (max(width, 8 + 7 * len(title or prompt)), side + cap_h + 40), "white")
+             for i in range(columns)]
+    cap_h = line_h * max([len(c) for c in lines] + [1]) + 8
+    heading = max(font.getlength(title or prompt), font.getlength(prompt)) + 16
+    width = max(1, columns) * (side + 8) + 8
+    canvas = Image.new("RGB", (int(max(width, heading)), side + cap_h + 44), "white")
     draw = ImageDraw.Draw(canvas)
     draw.text((8, 6), title or prompt, fill="black", font=font)
     if title:
         draw.text((8, 20), prompt, fill="black", font=font)
-    for i, img in enumerate(panels):
+    for i in range(columns):
         x = 8 + i * (side + 8)
-        if img is not None:
-            big = Image.fromarray(np.asarray(img, np.uint8)).resize((side, side), Image.NEAREST)
-            canvas.paste(big, (x, 36))
-        else:
-            draw.rectangle([x, 36, x + side - 1, 36 + side - 1], outline="gray")
+        if i < len(images):
+            big = Image.fromarray(np.asarray(images[i], np.uint8)).resize((side, side),
+                                                                          Image.NEAREST)
+            canvas.paste(big, (x, 38))
+            top = 42 + side
+        else:  # text after the last image: no empty panel, the text starts at the top
+            top = 38
         for j, line in enumerate(lines[i]):
-            draw.text((x, 40 + side + 12 * j), line, fill="black", font=font)
+            draw.text((x, top + line_h * j), line, fill="black", font=font)
     if path:  # None: the array only (TensorBoard during training)
         canvas.save(path)
     return np.asarray(canvas)
@@ -89,16 +110,22 @@ def write(workdir: str, payload: dict, strips: Sequence[tuple[str, str, str, Seq
         json.dump(payload, f, indent=1, default=str)
     tr = payload.get("train", {})
     losses = tr.get("losses", [])
+    data = payload.get("config", {}).get("data", {})
+    # A model trained on no critique never says "wrong": its misses are by construction.
+    no_critiques = (not data.get("mix", {}).get("critique") and not data.get("extra_sources"))
+    critique_note = (" The training mix held no critiques, so the model was never taught to call a"
+                     " step wrong: every verdict is ok and every wrong step counts as a miss."
+                     if no_critiques else "")
     md = ["# Shapes-GenEval report", "",
           f"commit `{payload['commit']}`, config `{payload['config_name']}`, device "
           f"{payload['device']['device_kind']} x{payload['device']['device_count']} "
           f"({payload['device']['cpu_count']} CPU cores)", "",
           score_table(payload["results"]), "",
           f"Scores are the fraction of images that pass GenEval's rules on the exact detector; "
-          f"overall is the plain mean of the six categories. {payload['bench']['prompts']} prompts x "
-          f"{payload['bench']['images_per_prompt']} images per mode; flow steps per image "
+          f"overall is the plain mean of the six categories. {plural(payload['bench']['prompts'], 'prompt')}"
+          f" x {plural(payload['bench']['images_per_prompt'], 'image')} per mode; flow steps per image "
           f"{payload['bench']['flow_steps']}; iteration cap {payload['bench']['max_iterations']}.", "",
-          *[f"Inspection, {m}: {inspection.line(r['inspection'])}.\n"
+          *[f"Inspection, {m}: {inspection.line(r['inspection'])}.{critique_note}\n"
             for m, r in payload["results"].items() if r.get("inspection")],
           *[f"Inspection, {m}, {inspection_probe.line(r['inspection_probe'])}.\n"
             for m, r in payload["results"].items() if r.get("inspection_probe")],
@@ -116,6 +143,15 @@ def write(workdir: str, payload: dict, strips: Sequence[tuple[str, str, str, Seq
     return path, rendered
 
 
+def _code(escaped: str) -> str:
+    """Markdown `code` spans as <code> (the text is already HTML-escaped)."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 def to_html(md_lines: Sequence[str]) -> str:
     """The Markdown report as a standalone HTML page (tables, images, paragraphs)."""
     body, table = [], []
@@ -123,7 +159,7 @@ def to_html(md_lines: Sequence[str]) -> str:
     def flush():
         if table:
             rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-")]
-            cells = [[html.escape(c.strip()) for c in r.strip("|").split("|")] for r in rows]
+            cells = [[_code(html.escape(c.strip())) for c in r.strip("|").split("|")] for r in rows]
             body.append("<table>" + "".join(
                 "<tr>" + "".join(f"<{t}>{c}</{t}>" for c in row) + "</tr>"
                 for t, row in zip(["th"] + ["td"] * (len(cells) - 1), cells)) + "</table>")
@@ -144,7 +180,7 @@ def to_html(md_lines: Sequence[str]) -> str:
             src = line[line.index("(") + 1:-1]
             body.append(f'<p><img src="{html.escape(src)}" alt="{html.escape(src)}"></p>')
         elif line:
-            body.append(f"<p>{html.escape(line)}</p>")
+            body.append(f"<p>{_code(html.escape(line))}</p>")
     flush()
     style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
              "td,th{border:1px solid #999;padding:4px 8px;text-align:right}")

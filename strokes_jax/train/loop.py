@@ -8,6 +8,7 @@ the run with an error and leaves the last good checkpoint as the newest one.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -299,7 +300,7 @@ def train(config, workdir: str, sources=None, devices=None,
                 m.update(tflops_per_device=tflops, steps_per_s=n / elapsed)
                 if peak:
                     m["mfu"] = tflops / peak
-                losses.append((step, m["loss"]))
+                losses.append((step, float(m["loss"])))
                 writer.write_scalars(step, {f"train/{k}": v for k, v in m.items()})
                 if logging_step:
                     print(f"step {step}/{tc.steps} loss {m['loss']:.4f} ce {m['ce']:.4f} "
@@ -328,7 +329,47 @@ def train(config, workdir: str, sources=None, devices=None,
                    episodes_seen=seen)
     if fractions:
         summary["sparse_routing"] = dict(capacity=list(fractions), dense_steps=dense_steps)
+    update_record(workdir, summary)
     return s, summary
+
+
+RECORD = "train_record.json"
+
+
+def training_record(workdir: str) -> dict | None:
+    """The workdir's training so far, over every resumed run: params, first start step, end
+    step, seconds, losses by step, episodes seen (None before any training)."""
+    path = os.path.join(workdir, RECORD)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def update_record(workdir: str, summary: dict, **extra) -> dict:
+    """Folds one run's summary into the workdir's record: a run that resumed where the record
+    ends continues it, a run that trained nothing leaves it as it was, anything else (a
+    fresh start) replaces it. `extra` entries are merged in (dicts key by key); with an
+    empty summary only `extra` is merged."""
+    old = training_record(workdir)
+    new = {k: v for k, v in summary.items()}
+    if old and (not summary or summary["start_step"] == summary.get("end_step")):
+        rec = dict(old)
+    elif old and summary["start_step"] > 0 and old.get("end_step") == summary["start_step"]:
+        rec = dict(new, start_step=old["start_step"],
+                   train_seconds=old["train_seconds"] + new["train_seconds"],
+                   losses=list(old["losses"]) + list(new["losses"]),
+                   episodes_seen=old.get("episodes_seen", 0) + new.get("episodes_seen", 0))
+    else:
+        rec = new
+    for k, v in extra.items():
+        rec[k] = {**rec.get(k, {}), **v} if isinstance(v, dict) else v
+    if jax.process_index() == 0:
+        tmp = os.path.join(workdir, RECORD + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(rec, f, indent=1, default=float)
+        os.replace(tmp, os.path.join(workdir, RECORD))
+    return rec
 
 
 def restore_for_eval(config, workdir: str) -> tuple[Setup, dict]:
@@ -340,4 +381,7 @@ def restore_for_eval(config, workdir: str) -> tuple[Setup, dict]:
     if restored is None:
         raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
     step, s.state = restored
-    return s, {"params": st.param_count(s.state.params), "start_step": step, "end_step": step}
+    rec = training_record(workdir)
+    if rec is None or rec.get("end_step") != step:  # trained elsewhere, or by an older version
+        rec = {"params": st.param_count(s.state.params), "start_step": step, "end_step": step}
+    return s, rec

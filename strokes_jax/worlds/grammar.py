@@ -217,7 +217,7 @@ def parse_verdict(text: str) -> Verdict:
 
 def vocabulary() -> list[str]:
     """Every word the shapes grammar and prompts can produce (the word-level vocabulary)."""
-    words = set("a photo of and at to with add remove recolour move swap empty plan image ok "
+    words = set("a an photo of and at to with add remove recolour move swap empty plan image ok "
                 "wrong should be missing extra , ; :".split())
     words.update(shapes.SHAPES, shapes.PLURALS.values(), shapes.COLORS, shapes.NUMBERS.values())
     for rel in shapes.RELATIONS:

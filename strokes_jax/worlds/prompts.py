@@ -39,6 +39,11 @@ def _pick(rng: np.random.Generator, seq: Sequence, n: int = 1, distinct: bool = 
     return [seq[i] for i in idx]
 
 
+def _a(word: str) -> str:
+    """GenEval's article: "an orange cross", "a red square"."""
+    return ("an " if word[0] in "aeiou" else "a ") + word
+
+
 def sample_prompt(rng: np.random.Generator, tag: str) -> Prompt:
     """A random prompt of one GenEval category, phrased with GenEval's templates."""
     S, C = shapes.SHAPES, shapes.COLORS
@@ -57,7 +62,7 @@ def sample_prompt(rng: np.random.Generator, tag: str) -> Prompt:
                        "exclude": [{"class": a, "count": n + 1}]})
     if tag == "colors":
         (a,), (c,) = _pick(rng, S), _pick(rng, C)
-        return Prompt(f"a photo of a {c} {a}", tag,
+        return Prompt(f"a photo of {_a(c)} {a}", tag,
                       {"include": [{"class": a, "count": 1, "color": c}]})
     if tag == "position":
         a, b = _pick(rng, S, 2)
@@ -68,7 +73,7 @@ def sample_prompt(rng: np.random.Generator, tag: str) -> Prompt:
     if tag == "color_attr":
         a, b = _pick(rng, S, 2)
         c1, c2 = _pick(rng, C, 2)
-        return Prompt(f"a photo of a {c1} {a} and a {c2} {b}", tag,
+        return Prompt(f"a photo of {_a(c1)} {a} and {_a(c2)} {b}", tag,
                       {"include": [{"class": a, "count": 1, "color": c1},
                                    {"class": b, "count": 1, "color": c2}]})
     raise ValueError(f"unknown tag {tag!r}; expected one of {shapes.TAGS}")
