@@ -36,6 +36,9 @@ OWN_OPTIONS = {
     "bench-convert": "peak host memory of `convert bagel` on a synthetic checkpoint; JSON",
 }
 COMMANDS = tuple(CONFIG_COMMANDS) + tuple(OWN_OPTIONS)
+# A preempted run saved its checkpoint and stopped early: rerun the same command to resume.
+# Distinct from 0 (finished) and 1/2 (failed, bad input) so a retry loop can tell them apart.
+EXIT_PREEMPTED = 75
 _DEFAULT_CONFIG = os.path.join(configs.HERE, configs.DEFAULT + ".py")
 
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "config NAME[:ARG] or PATH[:ARG]",
@@ -104,8 +107,12 @@ def main(argv):
             record = loop.training_record(workdir) or summary
             print(f"checkpoint at step {end} found in {os.path.join(workdir, 'checkpoints')}: "
                   f"nothing to train (train.steps={config.train.steps})", flush=True)
-        if cmd == "train" or summary["preempted"]:
-            return  # preempted: the checkpoint is saved; rerun the command to resume
+        if summary["preempted"]:
+            print(f"preempted at step {end}: checkpoint saved; rerun the command to resume",
+                  flush=True)
+            sys.exit(EXIT_PREEMPTED)
+        if cmd == "train":
+            return
     else:
         setup, record = loop.restore_for_eval(config, workdir)
     payload = job.run(setup, config, workdir, config_name, record, dict(record.get("timings", {})))
@@ -121,8 +128,9 @@ _NATIVE_NOTICES = ("All log messages before absl::InitializeLog()", "oneDNN cust
 
 
 def _import_native_quietly() -> None:
-    """Imports TensorFlow (TFDS and clu use it) and JAX's CPU backend with file descriptor 2
-    captured, then passes on every line that is not one of the known notices."""
+    """Imports TensorFlow (TFDS and clu use it), starts jax.distributed where the environment
+    asks for it, and brings up JAX's backend, with file descriptor 2 captured; then passes on
+    every line that is not one of the known notices."""
     import tempfile
     sys.stderr.flush()
     saved = os.dup(2)
@@ -133,8 +141,8 @@ def _import_native_quietly() -> None:
                 import tensorflow  # noqa: F401
             except ImportError:
                 pass
-            import jax
-            jax.devices()
+            from strokes_jax import distributed
+            distributed.initialize()
         finally:
             sys.stderr.flush()
             os.dup2(saved, 2)
@@ -176,6 +184,17 @@ def _unknown_override(args: list[str]) -> str | None:
                         + (f" (did you mean {'.'.join(done + [hint[0]])}?)" if hint else ""))
             node, done = node[part], done + [part]
     return None
+
+
+def _check_workdir(workdir: str) -> None:
+    """The workdir must be a folder this process can write (created when missing)."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir}: is a file, not a folder")
+    probe = workdir
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.access(probe or ".", os.W_OK | os.X_OK):
+        raise ValueError(f"--workdir {workdir}: {probe or '.'} is not writable")
 
 
 def _resolve_config_arg(args: list[str]) -> list[str]:
@@ -223,6 +242,8 @@ def run(argv=None):
         FLAGS([argv[0]] + rest)
         from strokes_jax.configs import schema
         schema.check(FLAGS.config)
+        if "://" not in FLAGS.workdir:  # remote (gs://) workdirs are checked by their filesystem
+            _check_workdir(FLAGS.workdir)
     except (configs.ConfigNotFound, flags.Error, KeyError, AttributeError, TypeError,
             ValueError) as e:
         _fail(_unknown_override(rest) or (e.args[0] if getattr(e, "args", None) else e))

@@ -49,6 +49,16 @@ def test_help_lists_every_command(no_jax, tmp_path):
     (["train", "--config", "shapes_tiny:tset"],
      "error: config variant 'tset': unknown (this config takes: test)"),
     (["frobnicate"], "error: unknown command 'frobnicate'"),
+    (["train", "--config", "shapes_tiny:test", "--config.train.keep_checkpoints=0"],
+     "error: config key train.keep_checkpoints: 0 is not a whole number >= 1"),
+    (["train", "--config", "shapes_tiny:test", "--config.train.checkpoint_every=0"],
+     "error: config key train.checkpoint_every: 0 is not a whole number >= 1"),
+    (["train", "--config", "shapes_tiny:test", "--config.train.steps=-5"],
+     "error: config key train.steps: -5 is not a whole number >= 0"),
+    (["train", "--config", "shapes_tiny:test", "--config.data.batch_size=0"],
+     "error: config key data.batch_size: 0 is not a whole number >= 1"),
+    (["train", "--config", "shapes_tiny:test", "--config.train.steps=abc"],
+     "error: flag --config.train.steps=abc: invalid literal for int()"),
 ])
 def test_bad_input_is_one_line_before_jax(args, message, no_jax, tmp_path):
     r = _cli(args + [f"--workdir={tmp_path / 'w'}"], no_jax, tmp_path)
@@ -56,6 +66,37 @@ def test_bad_input_is_one_line_before_jax(args, message, no_jax, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), r.stderr
     assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_workdir_that_is_a_file_is_refused(no_jax, tmp_path):
+    (tmp_path / "afile").write_text("")
+    r = _cli(["train", "--config", "shapes_tiny:test", f"--workdir={tmp_path / 'afile'}"], no_jax,
+             tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == \
+        f"error: --workdir {tmp_path / 'afile'}: is a file, not a folder"
+
+
+@pytest.mark.slow
+def test_a_preempted_run_exits_with_its_own_code(tmp_path):
+    """SIGTERM during `train`: the checkpoint is saved, the command says so and exits 75, not
+    0, so a retry loop can tell a preempted run from a finished one."""
+    import signal
+    from strokes_jax.__main__ import EXIT_PREEMPTED
+    p = subprocess.Popen([sys.executable, "-m", "strokes_jax", "train", "--config", "shapes_tiny:test",
+                          f"--workdir={tmp_path / 'w'}", "--config.train.steps=100000",
+                          "--config.train.tb_images=0", "--config.train.eval_every=0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    seen = []
+    for line in p.stdout:  # waits on progress, not on a clock
+        seen.append(line)
+        if line.startswith("step 4/"):
+            p.send_signal(signal.SIGTERM)
+            break
+    rest, _ = p.communicate(timeout=1800)
+    out = "".join(seen) + rest
+    assert p.returncode == EXIT_PREEMPTED, out[-3000:]
+    assert "preempted at step" in out and "rerun the command to resume" in out
+    assert os.listdir(tmp_path / "w" / "checkpoints")
 
 
 def test_an_unknown_key_in_a_config_file_fails_naming_it(tmp_path, no_jax):
@@ -135,3 +176,18 @@ def test_schedule_length_follows_the_training_steps():
     c.optim.total_steps = 20
     assert float(st.schedule(c.optim, 10)(10)) > end
     assert float(st.schedule(c.optim, 10)(20)) == pytest.approx(end)
+
+
+@pytest.mark.slow
+def test_the_demo_prints_no_alarming_lines(tmp_path):
+    """What a user sees: progress, the score table and the report path; no WARNING lines
+    from TFDS or absl, no 'Downloading' (nothing is downloaded), no native-library notices."""
+    r = subprocess.run([sys.executable, "-m", "strokes_jax", "demo", "--config", "shapes_tiny:test",
+                        f"--workdir={tmp_path / 'w'}", "--config.train.tb_images=0"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=1800)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    for bad in ("WARNING", "Downloading", "Traceback", "absl::InitializeLog", "oneDNN"):
+        assert bad not in out, out
+    assert "| process |" in r.stdout and "report:" in r.stdout
+    assert "trained 0 -> 8 steps" in out

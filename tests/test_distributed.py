@@ -169,3 +169,77 @@ def test_kill_during_save_keeps_the_previous_checkpoint(uninterrupted, data_dir,
     second = json.load(open(tmp_path / "b.json"))
     assert second["start"] == 2
     assert [l for _, l in second["losses"]] == uninterrupted[2:]
+
+
+def test_the_entry_point_starts_two_processes_from_the_environment(tmp_path):
+    """`python -m strokes_jax train` with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID set: jax.distributed starts at the entry point (no test driver), each
+    process logs where it stands, and the two-process run trains the one-process losses."""
+    common = ["-m", "strokes_jax", "train", "--config", "shapes_tiny:test",
+              "--config.data.process_split=rows", "--config.train.tb_images=0",
+              "--config.train.log_every=1", "--config.train.steps=4"]
+    one = subprocess.run([sys.executable, *common, f"--workdir={tmp_path / 'one'}"], env=_env(),
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = dict(_env(), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, *common, f"--workdir={tmp_path / 'two'}"],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, cwd=tmp_path))
+    outs = [p.communicate()[0] for p in procs]
+    for i, (p, o) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, o[-3000:]
+        assert f"process {i}/2: 1 local of 2 cpu devices (explicit start)" in o, o[-3000:]
+    losses = {name: [l for _, l in json.load(open(tmp_path / name / "train_record.json"))["losses"]]
+              for name in ("one", "two")}
+    assert len(losses["one"]) == 4
+    np.testing.assert_allclose(losses["two"], losses["one"], rtol=2e-5)
+
+
+def test_start_mode_reads_the_environment():
+    from strokes_jax import distributed
+    assert distributed.mode({}) == "single"
+    assert distributed.mode({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4",
+                             "JAX_PROCESS_ID": "0"}) == "explicit"
+    assert distributed.mode({"TPU_WORKER_HOSTNAMES": "w0,w1,w2,w3"}) == "detected"
+    assert distributed.mode({"TPU_WORKER_HOSTNAMES": "localhost"}) == "single"
+    assert distributed.mode({"SLURM_NTASKS": "8"}) == "detected"
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID missing"):
+        distributed.mode({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """A preemption notice to one process of a two-process `train` (started through the entry
+    point): JAX's preemption sync point stops both at the same step, both save it and both
+    exit 75 (preempted), not 0."""
+    from strokes_jax.__main__ import EXIT_PREEMPTED
+    port = _free_port()
+    common = ["-m", "strokes_jax", "train", "--config", "shapes_tiny:test",
+              "--config.data.process_split=rows", "--config.train.tb_images=0",
+              "--config.train.log_every=1", "--config.train.steps=100000",
+              "--config.train.eval_every=0", "--config.train.checkpoint_every=1000",
+              f"--workdir={tmp_path / 'w'}"]
+    procs = []
+    for i in range(2):
+        env = dict(_env(), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen([sys.executable, *common], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, cwd=tmp_path))
+    head = []
+    for line in procs[1].stdout:  # waits on progress, not on a clock
+        head.append(line)
+        if line.startswith("step 3/"):
+            procs[1].send_signal(signal.SIGTERM)
+            break
+    outs = [procs[0].communicate()[0], "".join(head) + procs[1].communicate()[0]]
+    stops = []
+    for p, o in zip(procs, outs):
+        assert p.returncode == EXIT_PREEMPTED, o[-3000:]
+        (stop,) = [int(line.split()[3].rstrip(":")) for line in o.splitlines()
+                   if line.startswith("preempted at step")]
+        stops.append(stop)
+    assert stops[0] == stops[1] >= 3
+    assert str(stops[0]) in os.listdir(tmp_path / "w" / "checkpoints")

@@ -231,9 +231,54 @@ def _unknown(config, ref, prefix: str):
             yield from _unknown(sub, sub_ref, path + ".")
 
 
+def _whole(lo):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+            f"a whole number >= {lo}")
+
+
+def _number(lo, hi=None, open_lo=False):
+    def ok(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        return (v > lo if open_lo else v >= lo) and (hi is None or v <= hi)
+    return ok, f"a number {'>' if open_lo else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+
+
+# Values that would otherwise fail late (inside Grain, Orbax or the jitted step) or silently
+# do the wrong thing (no checkpoints kept, zero steps trained).
+VALUE_RULES = {
+    "train.steps": _whole(0), "train.log_every": _whole(1), "train.eval_every": _whole(0),
+    "train.checkpoint_every": _whole(1), "train.keep_checkpoints": _whole(1),
+    "train.accum_steps": _whole(1), "train.tb_images": _whole(0),
+    "data.batch_size": _whole(1), "data.seq_len": _whole(1), "data.num_train": _whole(1),
+    "data.num_eval": _whole(1), "data.max_skip_fraction": _number(0, 1),
+    "optim.lr": _number(0, open_lo=True), "optim.warmup_steps": _whole(0),
+    "flow.sample_steps": _whole(1), "eval.batch_size": _whole(1),
+    "eval.images_per_prompt": _whole(1), "eval.prompts_per_tag": _whole(0),
+    "eval.max_iterations": _whole(1), "eval.max_text_tokens": _whole(1),
+    "self_critique.num_prompts": _whole(1),
+}
+
+
+def _get(config, path: str):
+    node = config
+    for part in path.split("."):
+        node = node[part]
+    return node
+
+
 def check(config):
-    """Raise ConfigKeyError naming every key the schema does not know; returns `config`."""
+    """Raise ConfigKeyError naming every key the schema does not know, or the first value out
+    of its range; returns `config`."""
     bad = list(_unknown(config, defaults(), ""))
     if bad:
         raise ConfigKeyError(f"unknown config key{'s' if len(bad) > 1 else ''}: {'; '.join(bad)}")
+    for path, (ok, want) in VALUE_RULES.items():
+        value = _get(config, path)
+        if not ok(value):
+            raise ConfigKeyError(f"config key {path}: {value!r} is not {want}")
+    total = config.optim.total_steps
+    if total is not None and not _whole(1)[0](total):
+        raise ConfigKeyError(f"config key optim.total_steps: {total!r} is not None or a whole "
+                             f"number >= 1")
     return config

@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 from clu import metric_writers, periodic_actions
 
 from strokes_jax.sequence import tokenizer as tk
+from strokes_jax.configs import schema
 from strokes_jax.data import pipeline, shapes_builder
 from strokes_jax.model import routing
 from strokes_jax.model.unified import ModelConfig, UnifiedModel
@@ -79,6 +80,7 @@ def setup(config, devices=None, model_cfg: ModelConfig | None = None) -> Setup:
     """Validate the config against the mesh, then create the state already sharded.
     `model_cfg` replaces the one derived from the world's tokenizer (the benchmark's
     synthetic vocabularies and latent sizes)."""
+    schema.check(config)
     etok = episode_tokenizer(config)
     model = UnifiedModel(model_cfg or model_config(config, etok))
     mesh = shd.make_mesh(config.mesh["shape"], devices)
@@ -110,7 +112,16 @@ def prepare_data(config, workdir: str):
     tfds.disable_progress_bar()
     t0 = time.time()
     found = shapes_builder.builder(ddir, dcfg).is_prepared()
-    shapes_builder.build(ddir, dcfg)
+    if jax.process_count() == 1:
+        shapes_builder.build(ddir, dcfg)
+    else:  # process 0 writes; the others then find it (shared storage) or write their own copy
+        from jax.experimental import multihost_utils
+        if jax.process_index() == 0:
+            shapes_builder.build(ddir, dcfg)
+        multihost_utils.sync_global_devices("strokes_jax: data written by process 0")
+        if jax.process_index() > 0:
+            shapes_builder.build(ddir, dcfg)
+        multihost_utils.sync_global_devices("strokes_jax: data ready on every process")
     if jax.process_index() == 0:
         print(f"data: {dcfg.num_train} train + {dcfg.num_eval} eval episodes "
               f"{'found' if found else 'written'} in {ddir} ({time.time() - t0:.0f}s)", flush=True)
