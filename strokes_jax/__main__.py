@@ -44,6 +44,9 @@ _DEFAULT_CONFIG = os.path.join(configs.HERE, configs.DEFAULT + ".py")
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "config NAME[:ARG] or PATH[:ARG]",
                                 lock_config=True)
 flags.DEFINE_string("workdir", "runs/shapes_tiny", "where data, checkpoints, logs and the report go")
+flags.DEFINE_bool("verbose", False, "show the traceback of a project error, not one line")
+flags.DEFINE_bool("allow_config_change", False, "resume or evaluate a workdir whose run was made "
+                  "with another config")
 FLAGS = flags.FLAGS
 
 
@@ -84,7 +87,7 @@ def main(argv):
         print(reproduce.table(out))
         return
     if cmd == "self-critique":
-        setup, _ = loop.restore_for_eval(config, workdir)
+        setup, _ = loop.restore_for_eval(config, workdir, FLAGS.allow_config_change)
         stats = job.self_critique(setup, config, workdir)
         print(json.dumps(stats, indent=1))
         return
@@ -95,7 +98,8 @@ def main(argv):
         from strokes_jax.evaluate.train_images import TrainImages
         sources = loop.prepare_data(config, workdir)
         data_seconds = time.time() - t0
-        setup, summary = loop.train(config, workdir, sources, eval_hooks=[TrainImages(config)])
+        setup, summary = loop.train(config, workdir, sources, eval_hooks=[TrainImages(config)],
+                                    allow_config_change=FLAGS.allow_config_change)
         start, end = summary["start_step"], summary["end_step"]
         if end > start:
             record = loop.update_record(workdir, {}, timings={
@@ -114,7 +118,7 @@ def main(argv):
         if cmd == "train":
             return
     else:
-        setup, record = loop.restore_for_eval(config, workdir)
+        setup, record = loop.restore_for_eval(config, workdir, FLAGS.allow_config_change)
     payload = job.run(setup, config, workdir, config_name, record, dict(record.get("timings", {})))
     payload["timings"]["this_command"] = time.time() - t0
     _print_summary(payload)
@@ -235,7 +239,9 @@ def run(argv=None):
     if any(a in ("-h", "--help", "--helpfull") for a in rest):
         print(f"{prog}: {CONFIG_COMMANDS[cmd]}\n\noptions:\n  --workdir DIR\n"
               f"  --config NAME[:ARG] | PATH[:ARG]   packaged: {', '.join(configs.NAMES)}\n"
-              f"  --config.SECTION.KEY=VALUE        any key of strokes_jax/configs/schema.py")
+              f"  --config.SECTION.KEY=VALUE        any key of strokes_jax/configs/schema.py\n"
+              f"  --allow_config_change             resume / evaluate a workdir made with another config\n"
+              f"  --verbose                         tracebacks for project errors")
         sys.exit(0)
     try:
         rest = _resolve_config_arg(rest)
@@ -248,7 +254,15 @@ def run(argv=None):
             ValueError) as e:
         _fail(_unknown_override(rest) or (e.args[0] if getattr(e, "args", None) else e))
     _import_native_quietly()
-    main([argv[0], cmd])
+    from strokes_jax.configs import schema
+    from strokes_jax.train import run_info
+    try:
+        main([argv[0], cmd])
+    except (run_info.ConfigMismatch, schema.ConfigKeyError, FileNotFoundError,
+            NotImplementedError) as e:
+        if FLAGS.verbose:
+            raise
+        _fail(e)
 
 
 if __name__ == "__main__":

@@ -39,9 +39,11 @@ def _env(devices=None):
     return env
 
 
-def _run(args, devices=None, timeout=300):
+# No wall-clock limits: on a loaded 2-core machine a subprocess may take many minutes, and a
+# stuck one shows as a stuck test.
+def _run(args, devices=None):
     p = subprocess.run([sys.executable, DRIVER, *args], env=_env(devices), capture_output=True,
-                       text=True, timeout=timeout)
+                       text=True)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 
@@ -88,7 +90,7 @@ def test_two_processes_match_one(meshes, data_dir, tmp_path):
                                data_dir, work, str(port), str(i), "2"], env=_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    outs = [p.communicate()[0] for p in procs]
     for p, o in zip(procs, outs):
         assert p.returncode == 0, o[-3000:]
     res = [json.load(open(tmp_path / f"w{i}.json")) for i in range(2)]
@@ -109,20 +111,15 @@ def _start_train(tmp_path, tag, work, data_dir, slow_from=None):
                             text=True)
 
 
-def _wait_for(proc, predicate, timeout=240):
-    t0, seen = time.time(), []
-    os.set_blocking(proc.stdout.fileno(), False)
-    while time.time() - t0 < timeout:
-        line = proc.stdout.readline()
-        if line:
-            seen.append(line)
-            if predicate(line):
-                return seen
-        elif proc.poll() is not None:
-            break
-        else:
-            time.sleep(0.05)
-    raise AssertionError("condition not reached:\n" + "".join(seen[-40:]))
+def _wait_for(proc, predicate):
+    """Reads the process's output until a line satisfies `predicate` (progress, not a clock);
+    fails if the process ends first."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if predicate(line):
+            return seen
+    raise AssertionError("process ended before the condition:\n" + "".join(seen[-40:]))
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +137,7 @@ def test_sigterm_then_restart_gives_the_uninterrupted_losses(uninterrupted, data
     p = _start_train(tmp_path, "a", work, data_dir)
     _wait_for(p, lambda l: l.startswith("step 2/"))
     p.send_signal(signal.SIGTERM)
-    out = p.communicate(timeout=120)[0]
+    out = p.communicate()[0]
     assert p.returncode == 0, out[-3000:]
     first = json.load(open(tmp_path / "a.json"))
     assert first["preempted"] and 2 <= first["end"] < STEPS
@@ -156,12 +153,11 @@ def test_kill_during_save_keeps_the_previous_checkpoint(uninterrupted, data_dir,
     work = str(tmp_path / "run")
     p = _start_train(tmp_path, "a", work, data_dir, slow_from=3)
     marker = os.path.join(work, "SAVING")
-    t0 = time.time()
-    while not os.path.exists(marker):
-        assert p.poll() is None and time.time() - t0 < 240, "training ended before saving step 3"
+    while not os.path.exists(marker):  # the save of step 3 pauses until it is killed
+        assert p.poll() is None, "training ended before saving step 3"
         time.sleep(0.05)
     p.kill()  # SIGKILL inside the save of step 3, before its atomic rename
-    p.communicate(timeout=60)
+    p.communicate()
     steps = ocp.CheckpointManager(os.path.join(work, "checkpoints")).all_steps()
     assert max(steps) == 2, steps
     os.remove(marker)

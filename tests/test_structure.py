@@ -140,8 +140,7 @@ def test_the_wheel_carries_the_configs(tmp_path):
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".git", ".venv", "venv", "runs", "build", "*.egg-info", "__pycache__", "results", "docs"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                        "-q", "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True,
-                       timeout=600)
+                        "-q", "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     (wheel,) = (tmp_path / "dist").glob("strokes_jax-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -27,6 +27,7 @@ from strokes_jax.data import pipeline, shapes_builder
 from strokes_jax.model import routing
 from strokes_jax.model.unified import ModelConfig, UnifiedModel
 from strokes_jax.train import checkpoint as ckpt
+from strokes_jax.train import run_info
 from strokes_jax.train import flops as fl
 from strokes_jax.train import sharding as shd
 from strokes_jax.train import state as st
@@ -240,13 +241,16 @@ def _init_from(s: Setup, config) -> None:
 
 
 def train(config, workdir: str, sources=None, devices=None,
-          eval_hooks: Sequence[EvalHook] = ()) -> tuple[Setup, dict]:
+          eval_hooks: Sequence[EvalHook] = (), allow_config_change: bool = False
+          ) -> tuple[Setup, dict]:
     """Train (or resume) in `workdir`; returns the final Setup and a summary dict.
 
     `eval_hooks` run at every periodic evaluation after the eval loss, with the current
     Setup, the step and the metric writer (e.g. `evaluate.train_images.TrainImages`, which
     paints filmstrips into TensorBoard); the seconds they take are summed in the summary's
-    `hook_seconds`."""
+    `hook_seconds`. Resuming under a config that differs from the workdir's run_info.json
+    (beyond how long to train and how often to log, save and evaluate) is refused, naming the
+    keys, unless `allow_config_change`."""
     os.makedirs(workdir, exist_ok=True)
     train_src, eval_src = sources if sources is not None else prepare_data(config, workdir)
     train_src = with_extra_sources(config, train_src)
@@ -259,6 +263,9 @@ def train(config, workdir: str, sources=None, devices=None,
                                          ema_decay=config.optim.ema_decay)
     tc = config.train
     mgr = ckpt.manager(workdir, keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
+    if mgr.latest_step() is not None and not allow_config_change:
+        run_info.check(workdir, config)
+    run_info.write(workdir, config, s.mesh.devices.shape)
     skips = pipeline.SkipCounter(max_skip_fraction=config.data.max_skip_fraction)
     it = train_iterator(config, s.etok, train_src, skips)
     restored = ckpt.restore_latest(mgr, s.state, s.shardings, it)
@@ -383,8 +390,12 @@ def update_record(workdir: str, summary: dict, **extra) -> dict:
     return rec
 
 
-def restore_for_eval(config, workdir: str) -> tuple[Setup, dict]:
-    """Setup with the newest checkpoint's state (the input state is not needed)."""
+def restore_for_eval(config, workdir: str, allow_config_change: bool = False
+                     ) -> tuple[Setup, dict]:
+    """Setup with the newest checkpoint's state (the input state is not needed). A workdir
+    whose run had another world or model config is refused, naming the keys."""
+    if not allow_config_change:
+        run_info.check(workdir, config, for_eval=True)
     s = setup(config)
     mgr = ckpt.manager(workdir, keep=config.train.keep_checkpoints,
                        save_every=config.train.checkpoint_every)
