@@ -17,7 +17,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from strokes_jax import configs
+from strokes_jax import configs, exits
 
 # command -> one line of help. The first group reads --config/--workdir.
 CONFIG_COMMANDS = {
@@ -34,11 +34,10 @@ OWN_OPTIONS = {
     "convert": "BAGEL-7B-MoT safetensors -> Orbax params, or parameter counts (convert --help)",
     "bench-generate": "time cached vs uncached generation on a shapes model; JSON",
     "bench-convert": "peak host memory of `convert bagel` on a synthetic checkpoint; JSON",
+    "sweep": "run a config's declared sweep (resumable) or gather its results table (sweep --help)",
 }
 COMMANDS = tuple(CONFIG_COMMANDS) + tuple(OWN_OPTIONS)
-# A preempted run saved its checkpoint and stopped early: rerun the same command to resume.
-# Distinct from 0 (finished) and 1/2 (failed, bad input) so a retry loop can tell them apart.
-EXIT_PREEMPTED = 75
+EXIT_PREEMPTED = exits.PREEMPTED  # distinct from 0 / 1 / 2, so a retry loop can tell
 _DEFAULT_CONFIG = os.path.join(configs.HERE, configs.DEFAULT + ".py")
 
 config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "config NAME[:ARG] or PATH[:ARG]",
@@ -233,6 +232,9 @@ def run(argv=None):
     if cmd == "bench-generate":
         from strokes_jax.inference import bench as generate_bench
         sys.exit(generate_bench.main(rest, prog=prog))
+    if cmd == "sweep":
+        from strokes_jax import sweeps
+        sys.exit(sweeps.main(rest, prog=prog))
     if cmd == "bench-convert":
         from strokes_jax.convert import memory_bench
         sys.exit(memory_bench.main(rest, prog=prog))

@@ -28,3 +28,9 @@ def get_config(arg: str | None = None):
         c.eval.update(prompts_per_tag=1, images_per_prompt=1, max_iterations=2,
                       max_text_tokens=24, batch_size=6, filmstrips=2, iteration_caps=(1,))
     return c
+
+
+def get_sweep(arg: str | None = None, hyper=None):
+    """`sweep run --config shapes_tiny[:test]`: the peak learning rate, three points."""
+    schema.parse_arg(arg, test=False)  # an unknown variant fails here, as in get_config
+    return hyper.sweep("optim.lr", [3e-4, 1e-3, 3e-3])
