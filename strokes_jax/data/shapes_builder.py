@@ -35,7 +35,7 @@ DEFAULT_SOURCE = "strokes_jax.episodes.mixer:generate_episodes"
 SPLITS = ("train", "eval")
 
 
-class _QuietBuilderNotices(logging.Filter):
+class QuietBuilderNotices(logging.Filter):
     """Drops TFDS's notices that are expected for a builder configured in code (a custom
     config, a version folder written for the first time); any other warning passes."""
 
@@ -46,7 +46,7 @@ class _QuietBuilderNotices(logging.Filter):
         return not any(e in msg for e in self.EXPECTED)
 
 
-logging.getLogger("absl").addFilter(_QuietBuilderNotices())
+logging.getLogger("absl").addFilter(QuietBuilderNotices())
 
 
 @dataclasses.dataclass(eq=False)
@@ -157,8 +157,14 @@ def builder(data_dir: str | os.PathLike, config: ShapesConfig) -> ShapesEpisodes
 def build(data_dir: str | os.PathLike, config: ShapesConfig) -> ShapesEpisodes:
     """Generate and write both splits as ArrayRecord (no Beam, nothing downloaded)."""
     b = builder(data_dir, config)
-    # TFDS prints "Downloading and preparing dataset ..." to stdout though nothing is
-    # downloaded; the caller reports what was written instead.
+    prepare(b)
+    return b
+
+
+def prepare(b: tfds.core.DatasetBuilder) -> None:
+    """Writes a builder's splits as ArrayRecord, reusing a finished directory. TFDS prints
+    "Downloading and preparing dataset ..." to stdout though nothing is downloaded; the
+    callers report what was written instead."""
     with contextlib.redirect_stdout(io.StringIO()):
         b.download_and_prepare(
             file_format="array_record",
@@ -167,7 +173,6 @@ def build(data_dir: str | os.PathLike, config: ShapesConfig) -> ShapesEpisodes:
                 # Nothing to checksum or download; keep TFDS from touching the network.
                 register_checksums=False, try_download_gcs=False),
         )
-    return b
 
 
 def data_source(data_dir: str | os.PathLike, config: ShapesConfig, split: str):

@@ -3,6 +3,12 @@
 An episode flattens to a list of typed segments (see `segments`), which the tokenizer turns
 into tokens; it serialises to one bytes record (JSON header + raw uint8 images) for
 ArrayRecord. Validation errors name the episode id.
+
+Two record formats share one layout (magic, header length, JSON header, raw images):
+`SJEP1` stores one `image_shape` for every image of the episode (the shapes world, where all
+images are the canvas); `SJEP2` stores `image_shapes`, one per image, for real data whose
+images differ in size. `to_bytes` writes SJEP1 whenever all images share a shape, so records
+of the shapes world stay byte-identical; `from_bytes` reads both.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ STAGE_NAMES = ("prompt", "plan", "sketch", "inspect", "refine")
 KINDS = ("single_pass", "additive", "edit", "critique", "self_critique")
 
 _MAGIC = b"SJEP1"
+_MAGIC2 = b"SJEP2"  # same length as _MAGIC: the header length sits at the same offset
 
 
 class EpisodeError(ValueError):
@@ -81,7 +88,9 @@ class Episode:
         return last.refined if last.refined is not None else last.sketch
 
     # -- validation ----------------------------------------------------------------------
-    def validate(self, image_shape: tuple[int, int, int], max_steps: int = 8) -> "Episode":
+    def validate(self, image_shape: tuple[int, int, int] | None, max_steps: int = 8) -> "Episode":
+        """Checks structure and images; `image_shape` None accepts any HxWx3 uint8 image
+        (real data), a shape requires exactly that one (the shapes world's canvas)."""
         where = f"episode {self.id!r}"
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise EpisodeError(f"{where}: empty prompt")
@@ -99,9 +108,15 @@ class Episode:
                         raise EpisodeError(f"{at}: missing sketch image")
                     continue
                 img = np.asarray(img)
-                if img.dtype != np.uint8 or img.shape != tuple(image_shape):
+                if image_shape is None:
+                    ok = img.ndim == 3 and img.shape[2] == 3 and min(img.shape) > 0
+                    want = "uint8[H, W, 3]"
+                else:
+                    ok = img.shape == tuple(image_shape)
+                    want = f"uint8{list(image_shape)}"
+                if img.dtype != np.uint8 or not ok:
                     raise EpisodeError(f"{at}: {name} image is {img.dtype}{list(img.shape)}, "
-                                       f"expected uint8{list(image_shape)}")
+                                       f"expected {want}")
             if (s.ins is None) != (s.des is None):
                 raise EpisodeError(f"{at}: a plan needs both <ins> and <des>")
             if (s.refine is None) != (s.refined is None):
@@ -119,38 +134,56 @@ class Episode:
     # -- serialisation -------------------------------------------------------------------
     def to_bytes(self) -> bytes:
         images, steps = [], []
-        for s in self.steps:
+        for i, s in enumerate(self.steps):
             d = {k: getattr(s, k) for k in ("ins", "des", "inspect", "refine")}
             d["sketch"] = len(images)
             if not s.sketch_target:
                 d["sketch_target"] = False
-            images.append(np.ascontiguousarray(s.sketch, np.uint8))
+            images.append(self._raw(s.sketch, i, "sketch"))
             if s.refined is not None:
                 d["refined"] = len(images)
-                images.append(np.ascontiguousarray(s.refined, np.uint8))
+                images.append(self._raw(s.refined, i, "refined"))
             steps.append(d)
-        shape = list(images[0].shape) if images else []
-        header = json.dumps({"id": self.id, "prompt": self.prompt, "tag": self.tag,
-                             "metadata": self.metadata, "kind": self.kind, "steps": steps,
-                             "image_shape": shape}).encode()
-        return _MAGIC + struct.pack("<I", len(header)) + header + b"".join(i.tobytes() for i in images)
+        shapes = [list(i.shape) for i in images]
+        fields = {"id": self.id, "prompt": self.prompt, "tag": self.tag, "metadata": self.metadata,
+                  "kind": self.kind, "steps": steps}
+        if all(sh == shapes[0] for sh in shapes):
+            # Key order and magic exactly as before per-image shapes existed: one-shape
+            # episodes (all of the shapes world) keep their bytes.
+            magic, fields["image_shape"] = _MAGIC, shapes[0] if shapes else []
+        else:
+            magic, fields["image_shapes"] = _MAGIC2, shapes
+        header = json.dumps(fields).encode()
+        return magic + struct.pack("<I", len(header)) + header + b"".join(i.tobytes() for i in images)
+
+    def _raw(self, img, step: int, name: str) -> np.ndarray:
+        # A float image in [0, 1] would cast to (almost) all zeros without a word; refusing
+        # any non-uint8 array makes the caller scale and round on purpose.
+        img = np.asarray(img)
+        if img.dtype != np.uint8:
+            raise EpisodeError(f"episode {self.id!r}, step {step}: {name} image is {img.dtype}"
+                               f"{list(img.shape)}, not uint8; scale it to 0..255 and cast first")
+        return np.ascontiguousarray(img)
 
     @classmethod
     def from_bytes(cls, data: bytes, record: str = "?") -> "Episode":
-        if not data.startswith(_MAGIC):
+        if not data.startswith((_MAGIC, _MAGIC2)):
             raise EpisodeError(f"record {record}: not an episode record (bad magic)")
         try:
             (n,) = struct.unpack("<I", data[len(_MAGIC):len(_MAGIC) + 4])
             start = len(_MAGIC) + 4
             h = json.loads(data[start:start + n])
-            shape = tuple(h["image_shape"])
-            size = int(np.prod(shape))
             blob = np.frombuffer(data, np.uint8, offset=start + n)
             count = sum(1 + ("refined" in s) for s in h["steps"])
-            if blob.size != size * count:
-                raise EpisodeError(f"record {record} (episode {h.get('id')!r}): image bytes "
-                                   f"{blob.size} != {count} images of shape {list(shape)}")
-            imgs = blob.reshape((count,) + shape)
+            if data.startswith(_MAGIC):
+                shape = tuple(h["image_shape"])
+                if blob.size != int(np.prod(shape)) * count:
+                    raise EpisodeError(f"record {record} (episode {h.get('id')!r}): image bytes "
+                                       f"{blob.size} != {count} images of shape {list(shape)}")
+                imgs = list(blob.reshape((count,) + shape))
+            else:
+                imgs = _split_images(blob, [tuple(sh) for sh in h["image_shapes"]], count,
+                                     f"record {record} (episode {h.get('id')!r})")
             steps = [Step(sketch=imgs[s["sketch"]], ins=s["ins"], des=s["des"],
                           inspect=s["inspect"], refine=s["refine"],
                           refined=imgs[s["refined"]] if "refined" in s else None,
@@ -170,6 +203,16 @@ class Episode:
             out.append(f"[{STAGE_NAMES[stage]}] " + (c if mod == "text" else
                                                      f"<{mod} {'x'.join(map(str, c.shape[:2]))}>"))
         return "\n".join(out)
+
+
+def _split_images(blob: np.ndarray, shapes: list[tuple[int, ...]], count: int,
+                  where: str) -> list[np.ndarray]:
+    sizes = [int(np.prod(sh)) for sh in shapes]
+    if len(shapes) != count or blob.size != sum(sizes):
+        raise EpisodeError(f"{where}: image bytes {blob.size} do not match {count} images of "
+                           f"shapes {[list(sh) for sh in shapes]}")
+    offsets = np.cumsum([0] + sizes)
+    return [blob[a:b].reshape(sh) for a, b, sh in zip(offsets[:-1], offsets[1:], shapes)]
 
 
 _TAG_RE = re.compile(r"<\|?/?[a-z_]+\|?>")
