@@ -22,7 +22,7 @@ from strokes_jax import configs, exits
 # command -> one line of help. The first group reads --config/--workdir.
 CONFIG_COMMANDS = {
     "demo": "build data, train, generate single-pass and process-driven, score, write the report",
-    "build-data": "write the shapes episodes (TFDS, ArrayRecord) into the data dir",
+    "build-data": "write the episodes (the shapes world's, or a manifest's) as ArrayRecord",
     "train": "train, or resume from the newest checkpoint in --workdir",
     "evaluate": "load the newest checkpoint in --workdir, generate both ways, score, report",
     "self-critique": "sample the trained model, inspect its steps with the exact checker, "
@@ -91,7 +91,7 @@ def main(argv):
         print(json.dumps(stats, indent=1))
         return
     if cmd == "build-data":
-        loop.prepare_data(config, workdir)
+        loop.prepare_data(config, workdir, need_eval=False)
         return
     if cmd in ("demo", "train"):
         from strokes_jax.evaluate.train_images import TrainImages

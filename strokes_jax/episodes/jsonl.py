@@ -251,3 +251,32 @@ def load_manifest(path: str | os.PathLike, limits: Limits = Limits()) -> list[ep
             raise e
         out.append(e)
     return out
+
+
+def write_manifest(episodes, out_dir: str | os.PathLike, name: str = "manifest.jsonl") -> str:
+    """The inverse of `load_manifest`: every image as a PNG under `out_dir/<episode id>/`,
+    one JSON line per episode in `out_dir/name`; returns the manifest's path. Exporting the
+    shapes world this way runs it through the same path as a user's own images."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    with open(path, "w") as f:
+        for e in episodes:
+            folder = "".join(c if c.isalnum() or c in "-_." else "_" for c in e.id)
+            os.makedirs(os.path.join(out_dir, folder), exist_ok=True)
+
+            def png(img, stem):
+                rel = f"{folder}/{stem}.png"
+                Image.fromarray(np.asarray(img, np.uint8)).save(os.path.join(out_dir, rel))
+                return rel
+
+            steps = []
+            for i, s in enumerate(e.steps):
+                d = {"ins": s.ins, "des": s.des, "image": png(s.sketch, str(i)), "inspect": s.inspect}
+                if s.refine is not None:
+                    d.update(refine=s.refine, refined=png(s.refined, f"{i}r"))
+                if not s.sketch_target:
+                    d["context_only"] = True
+                steps.append(d)
+            f.write(json.dumps({"id": e.id, "prompt": e.prompt, "tag": e.tag, "kind": e.kind,
+                                "metadata": e.metadata, "steps": steps}) + "\n")
+    return path

@@ -107,8 +107,34 @@ def data_dir(config, workdir: str) -> str:
     return config.data.data_dir or os.path.join(workdir, "data")
 
 
-def prepare_data(config, workdir: str):
-    """Build the shapes episodes (once) and return the train and eval sources."""
+def _prepare_manifest(config, workdir: str, need_eval: bool):
+    """data.source='manifest': write the user's episodes (once) and return the sources (None
+    when there is no eval manifest and `need_eval` is False: `build-data` alone)."""
+    from strokes_jax.data import manifest_builder
+    m = config.data.manifest
+    if need_eval and not m.eval_path:
+        raise schema.ConfigKeyError("config key data.manifest.eval_path: training needs a held-out "
+                                    "manifest for the eval loss (build-data alone does not)")
+    mcfg = manifest_builder.ManifestConfig(
+        name=m.name or os.path.splitext(os.path.basename(m.path))[0], manifest=m.path,
+        eval_manifest=m.eval_path, max_bad_fraction=m.max_bad_fraction, min_side=m.min_side,
+        max_text_chars=m.max_text_chars, max_steps=m.max_steps)
+    ddir = data_dir(config, workdir)
+    summary = manifest_builder.build(ddir, mcfg, progress=jax.process_index() == 0)
+    if jax.process_index() == 0:
+        print(f"data: {summary}", flush=True)
+    if not m.eval_path:
+        return None
+    return (manifest_builder.data_source(ddir, mcfg, "train"),
+            manifest_builder.data_source(ddir, mcfg, "eval"))
+
+
+def prepare_data(config, workdir: str, need_eval: bool = True):
+    """Build the episodes (once) and return the train and eval sources: the shapes world's,
+    or with data.source='manifest' the user's own (`need_eval` False allows a manifest
+    without an eval split, for `build-data`)."""
+    if config.data.source == "manifest":
+        return _prepare_manifest(config, workdir, need_eval)
     dcfg, ddir = data_config(config), data_dir(config, workdir)
     tfds.disable_progress_bar()
     t0 = time.time()
@@ -174,7 +200,10 @@ def evaluate_loss(s: Setup, eval_step, source, config) -> dict[str, float]:
     it = pipeline.make_eval_iter(source, s.etok, seq_len=config.data.seq_len,
                                  global_batch_size=config.data.batch_size)
     out = [jax.device_get(eval_step(s.state, _batch(b, s.mesh))) for b in it]
-    return {f"eval/{k}": v for k, v in _mean_metrics(out).items()} if out else {}
+    if not out:  # every eval record was skipped: a run without eval metrics would look fine
+        raise ValueError(f"the eval split ({len(source)} records) gave no batch: every record "
+                         f"was skipped (config keys data.num_eval, data.seq_len)")
+    return {f"eval/{k}": v for k, v in _mean_metrics(out).items()}
 
 
 def _episodes_in(segment_ids) -> int:
@@ -221,7 +250,12 @@ def with_extra_sources(config, train_src):
     for i, e in enumerate(extra):
         if not os.path.exists(e["path"]):
             raise FileNotFoundError(f"config key data.extra_sources[{i}].path: {e['path']} not found")
-        parts.append((grain.sources.ArrayRecordDataSource(e["path"]), float(e["weight"])))
+        src = grain.sources.ArrayRecordDataSource(e["path"])
+        if len(src) == 0:
+            raise ValueError(f"config key data.extra_sources[{i}].path: {e['path']} holds no records")
+        if not float(e["weight"]) > 0:
+            raise ValueError(f"config key data.extra_sources[{i}].weight: {e['weight']!r} is not > 0")
+        parts.append((src, float(e["weight"])))
     return parts
 
 
