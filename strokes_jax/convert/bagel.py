@@ -7,6 +7,11 @@ The maps produce the unscanned layout (`decoder/layer_{i}/...`); a scanned model
 Fixed tables stored in the checkpoint (`latent_pos_embed.pos_embed`, `vit_pos_embed.pos_embed`)
 are not params here, the model computes them; the converter checks they equal our 2-D sin-cos
 table, which catches a layout convention drifting (row/column halves, grid size).
+
+Every source tensor is checked as it is read (keymap.check_tensor): a NaN/inf, or a dtype
+other than bfloat16/float16/float32, is refused naming the key and file unless
+`allow_nonfinite` / `allow_dtype`. An existing output folder is refused before anything is read
+unless `overwrite`, and then only one this converter could have written is removed.
 """
 
 from __future__ import annotations
@@ -14,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from typing import Mapping, Sequence
 
 import numpy as np
 
 from strokes_jax.convert.keymap import (
     CONV2D, CONV1X1_TO_LINEAR, LINEAR, ConversionError, Copy, Reader, Rule,
-    bias_to_heads, conv_patch_to_linear, convert, linear_to_heads)
+    bias_to_heads, check, check_tensor, conv_patch_to_linear, convert, linear_to_heads)
 from strokes_jax.model.layers import sincos_2d
 from strokes_jax.model.mot import DecoderConfig
 from strokes_jax.model.unified import ModelConfig
@@ -260,14 +266,17 @@ def vision_config_from_hf(c: Mapping, *, max_side: int = 70, drop_last_layer: bo
 # The job.
 
 
-def check_fixed_tables(reader, tables: Sequence[FixedTable], atol: float = 2e-2) -> None:
+def check_fixed_tables(reader, tables: Sequence[FixedTable], atol: float = 2e-2, *,
+                       allow_nonfinite: bool = False, allow_dtype: bool = False) -> None:
     """bfloat16 storage of values in [-1, 1] is exact to ~4e-3; a layout mix-up is O(1)."""
     for t in tables:
         if t.src not in reader.keys():
             raise ConversionError(f"missing keys (1): [{t.src!r}]")
         if reader.shape(t.src) != t.value.shape:
             raise ConversionError(f"key {t.src!r} has shape {reader.shape(t.src)}, expected {t.value.shape}")
-        err = float(np.max(np.abs(reader.get(t.src).astype(np.float32) - t.value)))
+        x = check_tensor(reader, t.src, reader.get(t.src), allow_nonfinite=allow_nonfinite,
+                         allow_dtype=allow_dtype)
+        err = float(np.max(np.abs(x.astype(np.float32) - t.value)))
         if err > atol:
             raise ConversionError(f"key {t.src!r} differs from the model's 2-D sin-cos table "
                                   f"(max abs {err:.3g}): a position-layout mismatch")
@@ -288,9 +297,10 @@ def decoder_stacking(cfg: ModelConfig):
 
 
 def convert_model(reader, cfg: ModelConfig, *, init_gen_from_und: bool = False,
-                  dtype=None, **parts) -> dict:
+                  dtype=None, allow_nonfinite: bool = False, allow_dtype: bool = False, **parts) -> dict:
     """ema.safetensors reader -> UnifiedModel params (nested dict of numpy arrays), in the
     scanned layout when the config scans the decoder."""
+    checks = dict(allow_nonfinite=allow_nonfinite, allow_dtype=allow_dtype)
     if "conv_patch" not in parts and cfg.vision is not None:
         key = f"{VIT}.embeddings.patch_embedding.weight"
         parts["conv_patch"] = key in reader.keys() and len(reader.shape(key)) == 4
@@ -298,24 +308,60 @@ def convert_model(reader, cfg: ModelConfig, *, init_gen_from_und: bool = False,
     tables = [t for t in fixed_tables(cfg)
               if (t.src != VIT_TABLE or parts.get("vision", True))
               and (t.src != LATENT_TABLE or parts.get("gen_heads", True))]
-    check_fixed_tables(reader, tables)
+    # Header-only checks first, so a wrong key, shape or dtype fails before any tensor is read.
+    check(reader, rules, ignore=[t.src for t in tables], allow_dtype=allow_dtype)
+    check_fixed_tables(reader, tables, **checks)
     return convert(reader, rules, copies, dtype=dtype, ignore=[t.src for t in tables],
-                   stacking=decoder_stacking(cfg))
+                   stacking=decoder_stacking(cfg), **checks)
 
 
-def convert_vae(reader, cfg: AEConfig, *, dtype=None) -> dict:
-    return convert(reader, vae_rules(cfg), dtype=dtype)
+def convert_vae(reader, cfg: AEConfig, *, dtype=None, allow_nonfinite: bool = False,
+                allow_dtype: bool = False) -> dict:
+    return convert(reader, vae_rules(cfg), dtype=dtype, allow_nonfinite=allow_nonfinite, allow_dtype=allow_dtype)
+
+
+# What convert_bagel writes into its folder (Orbax's in-progress `params.*` included): with
+# `overwrite`, only a folder holding nothing else is removed, so a mistyped --out cannot wipe
+# unrelated files.
+_OUTPUTS = ("params", "conversion.json", "tokenizer.json")
+
+
+def _check_replaceable(out_dir: str) -> None:
+    if os.path.islink(out_dir) or not os.path.isdir(out_dir):
+        raise FileExistsError(f"{out_dir}: exists and is not a folder; not replacing it")
+    foreign = sorted(n for n in os.listdir(out_dir) if n not in _OUTPUTS and not n.startswith("params."))
+    if foreign:
+        raise FileExistsError(f"{out_dir}: exists and holds files a conversion does not write "
+                              f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); not replacing it")
 
 
 def convert_bagel(ema: str, ae: str, out_dir: str, cfg: ModelConfig, ae_cfg: AEConfig, *,
-                  tokenizer: str | None = None, dtype=None, init_gen_from_und: bool = False) -> str:
+                  tokenizer: str | None = None, dtype=None, init_gen_from_und: bool = False,
+                  overwrite: bool = False, allow_nonfinite: bool = False, allow_dtype: bool = False) -> str:
     """Writes `out_dir/params` (Orbax, {'model': ..., 'vae': ...}), `out_dir/conversion.json`
-    and a copy of the tokenizer. Returns the params path."""
+    and a copy of the tokenizer. Returns the params path.
+
+    An existing `out_dir` is refused before anything is read unless `overwrite`; it is then
+    removed only once both checkpoints have converted, so a refused source leaves it intact."""
     import orbax.checkpoint as ocp
 
-    model = convert_model(Reader([ema]), cfg, init_gen_from_und=init_gen_from_und, dtype=dtype)
-    vae = convert_vae(Reader([ae]), ae_cfg, dtype=dtype)
     out_dir = os.path.abspath(out_dir)
+    if os.path.lexists(out_dir):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir}: exists; pass overwrite=True to replace it")
+        _check_replaceable(out_dir)
+    if tokenizer and not os.path.isfile(tokenizer):  # found now, not after the conversion
+        raise FileNotFoundError(f"{tokenizer}: no such file")
+    checks = dict(allow_nonfinite=allow_nonfinite, allow_dtype=allow_dtype)
+    ema_reader, ae_reader = Reader([ema]), Reader([ae])
+    # Header-only (keys, shapes, dtypes): a bad ae.safetensors fails before the long model pass.
+    check(ae_reader, vae_rules(ae_cfg), allow_dtype=allow_dtype)
+    model = convert_model(ema_reader, cfg, init_gen_from_und=init_gen_from_und, dtype=dtype, **checks)
+    vae = convert_vae(ae_reader, ae_cfg, dtype=dtype, **checks)
+    del ema_reader, ae_reader
+    if overwrite and os.path.lexists(out_dir):
+        _check_replaceable(out_dir)  # again: something may have been written there meanwhile
+        shutil.rmtree(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "params")
     # As CPU jax arrays (zero-copy from numpy): Orbax then skips one of its host copies,
@@ -333,7 +379,7 @@ def convert_bagel(ema: str, ae: str, out_dir: str, cfg: ModelConfig, ae_cfg: AEC
             os.path.join(out_dir, "tokenizer.json"))
     meta = dict(ema=os.path.abspath(ema), ae=os.path.abspath(ae), tokenizer=tokenizer,
                 dtype=None if dtype is None else str(np.dtype(dtype)),
-                init_gen_from_und=init_gen_from_und, model=_asdict(cfg), vae=dataclasses.asdict(ae_cfg))
+                init_gen_from_und=init_gen_from_und, model=_asdict(cfg), vae=dataclasses.asdict(ae_cfg), **checks)
     with open(os.path.join(out_dir, "conversion.json"), "w") as f:
         json.dump(meta, f, indent=1)
     return path

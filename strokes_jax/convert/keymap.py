@@ -5,11 +5,17 @@ them tensor by tensor.
 Keeping the map explicit (no regex renaming) makes every source key visible in one place, lets
 the same map export Flax params back to the source names (used to build synthetic checkpoints
 and to check round trips), and gives errors that name the exact key at fault.
+
+Each source tensor is also checked as it is read: a dtype other than the floating types BAGEL
+ships, or a NaN/inf value, is refused naming the key and its file (`allow_dtype` /
+`allow_nonfinite` let them through), since either would otherwise surface much later as a
+model that trains or samples garbage.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -19,6 +25,21 @@ Path = tuple[str, ...]
 
 class ConversionError(ValueError):
     """A checkpoint does not match the key map: the message names the key(s)."""
+
+
+# The storage dtypes of BAGEL's checkpoints; an integer or float64 tensor where a weight belongs
+# means the file is not the checkpoint the key map describes.
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+
+# safetensors header dtype names -> numpy's, so header-only checks and loaded arrays agree.
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "BOOL": "bool",
+                       **{f"I{n}": f"int{n}" for n in (8, 16, 32, 64)},
+                       **{f"U{n}": f"uint{n}" for n in (8, 16, 32, 64)}}
+
+# Elements per finite-check step: the check's temporaries stay a few MB however large the
+# tensor (the embedding table is ~545M elements).
+_FINITE_CHUNK = 1 << 22
 
 
 # --------------------------------------------------------------------------------------
@@ -112,25 +133,40 @@ class Reader:
 
     def __init__(self, files: Sequence[str]):
         try:
-            from safetensors import safe_open  # optional dependency: conversion only
+            from safetensors import SafetensorError, safe_open  # optional dependency: conversion only
         except ImportError as e:
             raise ImportError("converting checkpoints needs safetensors: "
                               "pip install -e '.[convert]'") from e
 
-        self._handles, self._where = [], {}
+        self._handles, self._where, self._file = [], {}, {}
         for path in files:
-            h = safe_open(str(path), framework="numpy")
+            path = str(path)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path}: no such file")
+            try:
+                h = safe_open(path, framework="numpy")
+            except SafetensorError as e:  # a truncated or foreign file: its header does not parse
+                raise ConversionError(f"{path}: not a readable safetensors file ({e})") from e
             self._handles.append(h)
             for k in h.keys():
                 if k in self._where:
                     raise ConversionError(f"key {k!r} appears in more than one file ({path})")
                 self._where[k] = h
+                self._file[k] = path
 
     def keys(self) -> list[str]:
         return list(self._where)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._where[key].get_slice(key).get_shape())
+
+    def dtype(self, key: str) -> str:
+        """numpy's name for the stored dtype, from the header (nothing read)."""
+        d = self._where[key].get_slice(key).get_dtype()
+        return _SAFETENSORS_DTYPES.get(d, d.lower())
+
+    def file(self, key: str) -> str:
+        return self._file[key]
 
     def get(self, key: str) -> np.ndarray:
         return self._where[key].get_tensor(key)
@@ -148,8 +184,50 @@ class DictReader:
     def shape(self, key):
         return tuple(np.shape(self._t[key]))
 
+    def dtype(self, key):
+        return str(np.asarray(self._t[key]).dtype)
+
+    def file(self, key):
+        return None
+
     def get(self, key):
         return np.asarray(self._t[key])
+
+
+def _named(reader, key: str) -> str:
+    """`key 'k' in FILE` (the file when the reader knows it)."""
+    where = getattr(reader, "file", None)
+    where = where(key) if where is not None else None
+    return f"key {key!r}" + (f" in {where}" if where else "")
+
+
+def nonfinite_count(x: np.ndarray) -> int:
+    """NaN/inf elements of `x`, a chunk of the flat tensor at a time (bfloat16 included:
+    ml_dtypes gives it isfinite), so the check never holds a tensor-sized temporary."""
+    if x.dtype.kind in "biu":
+        return 0
+    flat = x.reshape(-1)
+    return sum(int(c.size - np.count_nonzero(np.isfinite(c)))
+               for c in (flat[i:i + _FINITE_CHUNK] for i in range(0, flat.size, _FINITE_CHUNK)))
+
+
+def _dtype_message(named: str, dtype) -> str:
+    return (f"{named} has dtype {dtype}, not a floating type BAGEL ships ({', '.join(FLOAT_DTYPES)}); "
+            "--allow_dtype converts it anyway")
+
+
+def check_tensor(reader, key: str, x: np.ndarray, *, allow_nonfinite: bool = False,
+                 allow_dtype: bool = False) -> np.ndarray:
+    """`x` (the tensor just read for `key`) if its dtype is one BAGEL ships and it is all
+    finite; otherwise a ConversionError naming the key and its file. Returns `x`."""
+    if not allow_dtype and str(x.dtype) not in FLOAT_DTYPES:
+        raise ConversionError(_dtype_message(_named(reader, key), x.dtype))
+    if not allow_nonfinite:
+        n = nonfinite_count(x)
+        if n:
+            raise ConversionError(f"{_named(reader, key)} holds {n} non-finite value(s) (NaN/inf) of {x.size}; "
+                                  "--allow_nonfinite converts it anyway")
+    return x
 
 
 def _set(tree: dict, path: Path, value) -> None:
@@ -166,9 +244,11 @@ def _get(tree: Mapping, path: Path):
     return tree
 
 
-def check(reader, rules: Sequence[Rule], ignore: Iterable[str] = ()) -> None:
+def check(reader, rules: Sequence[Rule], ignore: Iterable[str] = (), *, allow_dtype: bool = False) -> None:
     """Every rule's key present with its shape, and no source key left unmapped; one error
-    listing every problem, each naming its key."""
+    listing every problem, each naming its key. Then, from the header alone when the reader
+    can tell (`reader.dtype`), every mapped or ignored tensor of a floating dtype BAGEL ships:
+    a wrong dtype fails here, before a long conversion, rather than when its tensor is read."""
     ignore = set(ignore)
     have = set(reader.keys())
     want = {r.src for r in rules}
@@ -187,6 +267,16 @@ def check(reader, rules: Sequence[Rule], ignore: Iterable[str] = ()) -> None:
                             f"{tuple(r.shape)}")
     if problems:
         raise ConversionError("checkpoint does not match the key map:\n  " + "\n  ".join(problems))
+    if allow_dtype or not hasattr(reader, "dtype"):
+        return
+    bad = [(k, reader.dtype(k)) for k in sorted((want | ignore) & have)]
+    bad = [(k, d) for k, d in bad if d not in FLOAT_DTYPES]
+    if len(bad) == 1:
+        raise ConversionError(_dtype_message(_named(reader, bad[0][0]), bad[0][1]))
+    if bad:
+        raise ConversionError(f"{len(bad)} tensors of a dtype BAGEL does not ship ({', '.join(FLOAT_DTYPES)}): "
+                              + ", ".join(f"{_named(reader, k)} ({d})" for k, d in bad[:20])
+                              + (" ..." if len(bad) > 20 else "") + "; --allow_dtype converts them anyway")
 
 
 # Where a param lands in a stacked (scanned) layout: (stacked path, index, stack length), or
@@ -215,16 +305,19 @@ def _fetch(out: Mapping, path: Path, stacking: Stacking | None) -> np.ndarray:
 
 def convert(reader, rules: Sequence[Rule], copies: Sequence[Copy] = (), *, dtype=None,
             ignore: Iterable[str] = (), stacking: Stacking | None = None,
-            on_tensor: Callable[[Rule, np.ndarray], None] | None = None) -> dict:
+            on_tensor: Callable[[Rule, np.ndarray], None] | None = None,
+            allow_nonfinite: bool = False, allow_dtype: bool = False) -> dict:
     """Source tensors -> nested dict of Flax params. Reads one tensor at a time, transforms it
     and stores only the result, so peak host memory is the output plus one source tensor; with
     `stacking`, per-layer params are written straight into pre-allocated stacked arrays (the
     scanned layout) instead of being stacked afterwards, which would briefly hold two copies.
-    `dtype` casts each param (None keeps the source dtype, e.g. bfloat16)."""
-    check(reader, rules, ignore)
+    `dtype` casts each param (None keeps the source dtype, e.g. bfloat16). Each source tensor
+    passes `check_tensor` as it is read (see there for `allow_nonfinite` / `allow_dtype`)."""
+    check(reader, rules, ignore, allow_dtype=allow_dtype)
     out: dict = {}
     for r in rules:
-        x = r.transform.forward(reader.get(r.src))
+        x = r.transform.forward(check_tensor(reader, r.src, reader.get(r.src), allow_nonfinite=allow_nonfinite,
+                                             allow_dtype=allow_dtype))
         if x.shape != r.flax_shape:  # a transform bug, never a checkpoint problem
             raise ConversionError(f"transform {r.transform.name} of {r.src!r} gave {x.shape}, "
                                   f"expected {r.flax_shape}")
