@@ -206,8 +206,12 @@ def run(config, config_name: str, workdir: str, rows=None) -> dict:
             crit = job.self_critique(setup, p1, rowdir + "_phase1")
             c.train.init_from = rowdir + "_phase1"
             c.train.steps = c.optim.total_steps = total - p1.train.steps
-            c.data.extra_sources = ({"path": crit["path"],
-                                     "weight": float(config.reproduce.self_critique_weight)},)
+            if crit["episodes"]:
+                c.data.extra_sources = ({"path": crit["path"],
+                                         "weight": float(config.reproduce.self_critique_weight)},)
+            else:  # no trace could be inspected: phase 2 goes on with the phase-1 mix, said aloud
+                print(f"self_critique row: the self-critique split is empty ({crit['outcomes']}); "
+                      f"phase 2 trains on the phase-1 mix alone", flush=True)
             _, summary, payload = _train_eval(c, rowdir, modes, f"{config_name}:{row}")
             episodes = c.data.num_train + crit["episodes"]
             out["self_critique_outcomes"] = crit["outcomes"]
