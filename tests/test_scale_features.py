@@ -237,8 +237,8 @@ def test_sparse_routing_matches_dense(batch, base, scan):
     model = routing.sparse(dense, fractions)
     lo, ve = jax.jit(model.apply)({"params": p}, *_inputs(batch))
     valid = _valid(batch)  # padding may come out different: it is in neither expert's window
-    np.testing.assert_allclose(np.asarray(lo)[valid], np.asarray(logits)[valid], atol=2e-5, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(ve)[valid], np.asarray(vel)[valid], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(lo)[valid], np.asarray(logits)[valid], atol=5e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(ve)[valid], np.asarray(vel)[valid], atol=5e-5, rtol=1e-5)
     lc = sp.LossConfig.from_config(c)
 
     def grads(mdl):

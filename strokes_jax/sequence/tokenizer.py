@@ -70,8 +70,13 @@ class Tokenizer:
         self.vocab_size = tok.get_vocab_size()
 
     @classmethod
-    def for_words(cls, words: Sequence[str]) -> "Tokenizer":
-        vocab = {w: i for i, w in enumerate(list(SPECIALS) + sorted(set(words) - set(SPECIALS)))}
+    def for_words(cls, words: Sequence[str], pad_to: int = 1) -> "Tokenizer":
+        """Specials, then the words sorted; `pad_to` > 1 appends unused `<reserved_i>` tokens
+        up to a multiple of it, so the vocabulary axis splits evenly over a tensor-parallel
+        mesh axis whatever words the world adds."""
+        names = list(SPECIALS) + sorted(set(words) - set(SPECIALS))
+        names += [f"<reserved_{i}>" for i in range(-len(names) % pad_to)]
+        vocab = {w: i for i, w in enumerate(names)}
         tok = tokenizers.Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
         tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         tok.add_special_tokens(list(SPECIALS))
@@ -80,7 +85,7 @@ class Tokenizer:
     @classmethod
     def shapes(cls) -> "Tokenizer":
         from strokes_jax.worlds import grammar
-        return cls.for_words(grammar.vocabulary())
+        return cls.for_words(grammar.vocabulary(), pad_to=8)
 
     @classmethod
     def from_file(cls, path: str) -> "Tokenizer":
