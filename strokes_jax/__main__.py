@@ -167,25 +167,10 @@ def _fail(message: str) -> None:
 
 def _unknown_override(args: list[str]) -> str | None:
     """The first `--config.KEY=VALUE` whose KEY the schema lacks, as a one-line message."""
-    import difflib
-
     from strokes_jax.configs import schema
-    ref = schema.defaults()
     for a in args:
-        if not a.startswith("--config."):
-            continue
-        path = a[len("--config."):].partition("=")[0]
-        node, done = ref, []
-        for part in path.split("."):
-            keys = list(node.keys()) if hasattr(node, "keys") else []
-            if ".".join(done) in schema.OPEN:
-                break
-            if part not in keys:
-                where = ".".join(done + [part])
-                hint = difflib.get_close_matches(part, keys, n=1)
-                return (f"unknown config key {where}"
-                        + (f" (did you mean {'.'.join(done + [hint[0]])}?)" if hint else ""))
-            node, done = node[part], done + [part]
+        if a.startswith("--config.") and (bad := schema.unknown_path(a[len("--config."):].partition("=")[0])):
+            return f"unknown config key {bad}"
     return None
 
 

@@ -225,12 +225,17 @@ def parse_arg(arg: str | None, **spec):
     return out
 
 
+def _named(prefix: str, key: str, known) -> str:
+    """An unknown key's dotted path, with the closest known key as a hint."""
+    hint = difflib.get_close_matches(key, list(known), n=1)
+    return f"{prefix}{key}" + (f" (did you mean {prefix}{hint[0]}?)" if hint else "")
+
+
 def _unknown(config, ref, prefix: str):
     for key in config.keys():
         path = f"{prefix}{key}"
         if key not in ref:
-            hint = difflib.get_close_matches(key, list(ref.keys()), n=1)
-            yield path + (f" (did you mean {prefix}{hint[0]}?)" if hint else "")
+            yield _named(prefix, key, ref.keys())
             continue
         if path in OPEN:
             continue
@@ -241,6 +246,20 @@ def _unknown(config, ref, prefix: str):
             if isinstance(sub, dict):
                 sub = ml_collections.ConfigDict(sub)
             yield from _unknown(sub, sub_ref, path + ".")
+
+
+def unknown_path(path: str) -> str | None:
+    """A dotted key (as in `--config.eval.cfg_text_scale=2`) the schema lacks, named with a
+    hint, or None when the schema has it (or it lies inside an OPEN map)."""
+    node, prefix = defaults(), ""
+    for part in path.split("."):
+        if prefix.rstrip(".") in OPEN:
+            return None
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        if part not in keys:
+            return _named(prefix, part, keys)
+        node, prefix = node[part], f"{prefix}{part}."
+    return None
 
 
 def _whole(lo):

@@ -160,11 +160,7 @@ def builder(data_dir: str | os.PathLike, config: ManifestConfig) -> ManifestEpis
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{split} manifest {path!r} not found")
     b = ManifestEpisodes(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
-    stored = b.info.metadata.get("generation") if b.info.metadata is not None else None
-    if b.is_prepared() and stored != config.params():
-        raise ValueError(f"{b.data_dir} was built with {stored}, not {config.params()}; "
-                         f"give this config another name")
-    return b
+    return sb.check_params(b, config.params(), "built")
 
 
 def build(data_dir: str | os.PathLike, config: ManifestConfig, progress: bool = True) -> BuildSummary:

@@ -145,11 +145,15 @@ def _fits(max_tokens: int, patch: int) -> Callable[[ep.Episode], bool]:
 
 def builder(data_dir: str | os.PathLike, config: ShapesConfig) -> ShapesEpisodes:
     b = ShapesEpisodes(config=config, data_dir=os.fspath(data_dir), file_format="array_record")
-    # TFDS keys a directory by config name and version only; reusing data generated with
-    # other parameters under the same name would silently train on the wrong mix.
+    return check_params(b, config.params(), "generated")
+
+
+def check_params(b: tfds.core.DatasetBuilder, params: dict, made: str) -> tfds.core.DatasetBuilder:
+    """TFDS keys a directory by config name and version only: a written directory whose stored
+    parameters differ from `params` would silently train on other data, so it raises."""
     stored = b.info.metadata.get("generation") if b.info.metadata is not None else None
-    if b.is_prepared() and stored != config.params():
-        raise ValueError(f"{b.data_dir} was generated with {stored}, not {config.params()}; "
+    if b.is_prepared() and stored != params:
+        raise ValueError(f"{b.data_dir} was {made} with {stored}, not {params}; "
                          f"give this config another name")
     return b
 
