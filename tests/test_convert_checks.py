@@ -77,11 +77,17 @@ def reads(monkeypatch):
     return got
 
 
-def test_nan_in_a_decoder_tensor_is_refused_naming_its_key(tensors, tmp_path, capsys):
-    ema, ae = tensors
+def _with_nan(ema):
+    """The checkpoint's tensors with one NaN in NAN_KEY (the others shared, not copied)."""
     bad = dict(ema)
     bad[NAN_KEY] = ema[NAN_KEY].copy()
     bad[NAN_KEY][3, 1] = np.nan
+    return bad
+
+
+def test_nan_in_a_decoder_tensor_is_refused_naming_its_key(tensors, tmp_path, capsys):
+    ema, ae = tensors
+    bad = _with_nan(ema)
     ema_path, ae_path = _write(tmp_path / "src", bad, ae)
     out = tmp_path / "out"
     assert _cli(ema_path, ae_path, out) == 2
@@ -104,9 +110,7 @@ def test_nan_in_a_decoder_tensor_is_refused_naming_its_key(tensors, tmp_path, ca
 def test_nan_converts_with_allow_nonfinite(cfgs, tensors, tmp_path):
     cfg, _ = cfgs
     ema, ae = tensors
-    bad = dict(ema)
-    bad[NAN_KEY] = ema[NAN_KEY].copy()
-    bad[NAN_KEY][3, 1] = np.nan
+    bad = _with_nan(ema)
     ema_path, ae_path = _write(tmp_path / "src", bad, ae)
     out = tmp_path / "out"
     assert _cli(ema_path, ae_path, out, "--allow_nonfinite") == 0
