@@ -28,6 +28,8 @@ CONFIG_COMMANDS = {
     "self-critique": "sample the trained model, inspect its steps with the exact checker, "
                      "write critique episodes",
     "reproduce": "the ablation ladder (single-pass ... full method), one table",
+    "generate": "paint --prompt / --prompts with the newest checkpoint in --workdir: images, "
+                "trajectory text and a filmstrip per sample",
     "bench": "time training steps of --config on synthetic batches; JSON into --workdir",
 }
 OWN_OPTIONS = {
@@ -46,6 +48,12 @@ flags.DEFINE_string("workdir", "runs/shapes_tiny", "where data, checkpoints, log
 flags.DEFINE_bool("verbose", False, "show the traceback of a project error, not one line")
 flags.DEFINE_bool("allow_config_change", False, "resume or evaluate a workdir whose run was made "
                   "with another config")
+# generate's own flags.
+flags.DEFINE_multi_string("prompt", [], "generate: a prompt (repeatable)")
+flags.DEFINE_string("prompts", None, "generate: a prompts file, one per line or JSONL with \"prompt\"")
+flags.DEFINE_enum("mode", "process", ["process", "single", "both"], "generate: how to paint")
+flags.DEFINE_integer("n", 1, "generate: samples per prompt and mode", lower_bound=1)
+flags.DEFINE_string("out", None, "generate: output folder (default <workdir>/generate)")
 FLAGS = flags.FLAGS
 
 
@@ -90,6 +98,9 @@ def main(argv):
         stats = job.self_critique(setup, config, workdir)
         print(json.dumps(stats, indent=1))
         return
+    if cmd == "generate":
+        _generate(config, workdir)
+        return
     if cmd == "build-data":
         loop.prepare_data(config, workdir, need_eval=False)
         return
@@ -121,6 +132,27 @@ def main(argv):
     payload = job.run(setup, config, workdir, config_name, record, dict(record.get("timings", {})))
     payload["timings"]["this_command"] = time.time() - t0
     _print_summary(payload)
+
+
+def _generate(config, workdir: str) -> None:
+    from strokes_jax.evaluate import generate, job
+    from strokes_jax.train import loop
+    prompts = list(FLAGS.prompt)
+    where = [f"--prompt {i + 1}" for i in range(len(prompts))]
+    if FLAGS.prompts:
+        from_file = generate.read_prompts(FLAGS.prompts)
+        prompts += from_file
+        where += [f"{FLAGS.prompts}: prompt {i + 1}" for i in range(len(from_file))]
+    if not prompts:
+        raise generate.PromptError("generate needs --prompt TEXT (repeatable) or --prompts FILE")
+    setup, record = loop.restore_for_eval(config, workdir, FLAGS.allow_config_change)
+    generate.check_prompts(setup.etok, prompts, where)
+    out = FLAGS.out or os.path.join(workdir, "generate")
+    gen = job.make_generator(setup, config, config.eval.seed)
+    rows = generate.run(gen, prompts, out, modes=generate.MODES[FLAGS.mode], n=FLAGS.n,
+                        batch_size=int(config.eval.batch_size), seed=int(config.eval.seed))
+    print(f"step {record['end_step']}: " + generate.summary(rows).replace("\n", "\n  "))
+    print(f"wrote {len(rows)} samples to {out} (samples.jsonl lists them)")
 
 
 # Notices that native libraries write straight to the stderr file descriptor at import, for
@@ -243,10 +275,11 @@ def run(argv=None):
     _import_native_quietly()
     from strokes_jax.configs import schema
     from strokes_jax.train import run_info
+    from strokes_jax.evaluate.generate import PromptError
     try:
         main([argv[0], cmd])
     except (run_info.ConfigMismatch, schema.ConfigKeyError, FileNotFoundError,
-            NotImplementedError) as e:
+            NotImplementedError, PromptError) as e:
         if FLAGS.verbose:
             raise
         _fail(e)
