@@ -276,10 +276,11 @@ def run(argv=None):
     from strokes_jax.configs import schema
     from strokes_jax.train import run_info
     from strokes_jax.evaluate.generate import PromptError
+    from strokes_jax.episodes.jsonl import DataError
     try:
         main([argv[0], cmd])
     except (run_info.ConfigMismatch, schema.ConfigKeyError, FileNotFoundError,
-            NotImplementedError, PromptError) as e:
+            NotImplementedError, PromptError, DataError) as e:
         if FLAGS.verbose:
             raise
         _fail(e)

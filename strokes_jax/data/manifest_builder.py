@@ -17,6 +17,10 @@ naming the file, and nothing is written.
     print(summary)                          # written / skipped counts, by reason
     src = data_source(data_dir, cfg, "train")
     episode = pipeline.decode_item(src[0])
+
+`RecordsConfig` and `EpisodeRecords` are what every file-backed episode builder shares (the
+features, the saved input hashes and limits, the bounded skips); `t2i_builders` builds parquet
+and webdataset sources on them.
 """
 
 from __future__ import annotations
@@ -38,18 +42,16 @@ from strokes_jax.episodes import jsonl
 SKIPPED = "skipped.jsonl"
 
 
-class TooManyBadRecords(ValueError):
+class TooManyBadRecords(jsonl.DataError):
     pass
 
 
 @dataclasses.dataclass(eq=False)
-class ManifestConfig(tfds.core.BuilderConfig):
-    """`name` identifies the data on disk. The manifests' contents (by hash) and the limits
-    are saved with the data; opening the name again with others raises."""
+class RecordsConfig(tfds.core.BuilderConfig):
+    """The limits every file-backed source shares. Subclasses name their inputs: `inputs()`
+    maps each split to what the user gave (a path or a pattern), `files()` expands one."""
 
-    manifest: str = ""
-    eval_manifest: str = ""  # optional second manifest, written as the "eval" split
-    max_bad_fraction: float = 0.01  # of a manifest's non-blank lines
+    max_bad_fraction: float = 0.01  # of a split's records
     min_side: int = 64  # pixels, the shorter side of every image
     max_text_chars: int = 2000  # per text field
     max_steps: int = 8
@@ -58,23 +60,53 @@ class ManifestConfig(tfds.core.BuilderConfig):
         return jsonl.Limits(min_side=self.min_side, max_text_chars=self.max_text_chars,
                             max_steps=self.max_steps)
 
+    def inputs(self) -> dict[str, str]:
+        raise NotImplementedError
+
+    def files(self, spec: str) -> list[str]:
+        return [spec]
+
+    def _limit_params(self) -> dict:
+        return {"max_bad_fraction": float(self.max_bad_fraction), "min_side": self.min_side,
+                "max_text_chars": self.max_text_chars, "max_steps": self.max_steps}
+
+
+@dataclasses.dataclass(eq=False)
+class ManifestConfig(RecordsConfig):
+    """`name` identifies the data on disk. The manifests' contents (by hash) and the limits
+    are saved with the data; opening the name again with others raises."""
+
+    manifest: str = ""
+    eval_manifest: str = ""  # optional second manifest, written as the "eval" split
+
     def manifests(self) -> dict[str, str]:
         return {"train": self.manifest, **({"eval": self.eval_manifest} if self.eval_manifest else {})}
+
+    def inputs(self) -> dict[str, str]:
+        return self.manifests() if self.manifest else {}
 
     def params(self) -> dict:
         # Hashes rather than paths: moving a manifest is harmless, editing it is not. Images
         # are not hashed (that would read the whole data set); edit them under a new name.
-        return {"manifests": {s: _sha256(p) for s, p in self.manifests().items()},
-                "max_bad_fraction": float(self.max_bad_fraction), "min_side": self.min_side,
-                "max_text_chars": self.max_text_chars, "max_steps": self.max_steps}
+        return {"manifests": {s: file_sha256(p) for s, p in self.manifests().items()},
+                **self._limit_params()}
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_HASHES: dict[tuple, str] = {}
+
+
+def file_sha256(path: str) -> str:
+    """A file's sha256, remembered per (path, size, mtime) for this process: a builder asks
+    for its params several times per open, and parquet or tar inputs can be large."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
 
 
 @dataclasses.dataclass
@@ -92,19 +124,22 @@ class BuildSummary:
         return f"{self.data_dir}: {splits}" + (f" ({why}; see {self.skipped_path})" if why else "")
 
 
-class ManifestEpisodes(tfds.core.GeneratorBasedBuilder):
-    """Real-data episodes from a JSONL manifest and its images, one record each."""
+class EpisodeRecords(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """One `Episode.to_bytes()` record per usable input record, with id, tag and kind; the
+    skips counted, bounded and listed. Subclasses give `_records`."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Episode.to_bytes records (SJEP1 or SJEP2) with id, tag and kind."}
-    BUILDER_CONFIGS = [ManifestConfig(name="default")]
-    # Manifest order on disk (keys are line numbers); the pipeline shuffles at read time.
+    # Input order on disk (keys count up); the pipeline shuffles at read time.
     DISABLE_SHUFFLING = True
-    code_path = epath.Path(__file__)  # see ShapesEpisodes.code_path
+    RECORDS_ARE = "records"  # what a split's records are called in the no-usable-record error
     progress = True
+
+    def _records(self, spec: str, seen: set[str]):
+        """-> (records in `spec`, iterator of (position, Episode | ManifestError))."""
+        raise NotImplementedError
 
     def _info(self) -> tfds.core.DatasetInfo:
         cfg = self.builder_config
+        inputs = cfg.inputs()  # empty for the registered "default" config: nothing to hash
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict({
                 "record": tfds.features.Tensor(shape=(), dtype=np.object_),
@@ -114,43 +149,56 @@ class ManifestEpisodes(tfds.core.GeneratorBasedBuilder):
             }),
             disable_shuffling=self.DISABLE_SHUFFLING,
             metadata=tfds.core.MetadataDict(
-                generation=cfg.params() if cfg.manifest else {},
-                sources={s: os.path.abspath(p) for s, p in cfg.manifests().items()} if cfg.manifest else {}),
-            description=__doc__,
+                generation=cfg.params() if inputs else {},
+                sources={s: [os.path.abspath(p) for p in cfg.files(spec)] for s, spec in inputs.items()}),
+            description=type(self).__doc__,
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        del dl_manager  # the images are local files
-        seen: set[str] = set()
-        return {split: self._generate_examples(split, path, seen)
-                for split, path in self.builder_config.manifests().items()}
+        del dl_manager  # the inputs are local files
+        seen: set[str] = set()  # ids are unique across the splits
+        return {split: self._generate_examples(split, spec, seen)
+                for split, spec in self.builder_config.inputs().items()}
 
-    def _generate_examples(self, split: str, path: str, seen: set[str]):
+    def _generate_examples(self, split: str, spec: str, seen: set[str]):
         cfg = self.builder_config
-        total = jsonl.count_records(path)
+        total, records = self._records(spec, seen)
         allowed = int(round(cfg.max_bad_fraction * total, 6))  # 0.29 * 100 is 28.999...
         skipped, written = [], 0
         bar = tqdm(total=total, desc=f"{cfg.name} {split}", unit="rec", disable=not self.progress)
         with bar:
-            for line, e in jsonl.iter_manifest(path, cfg.limits(), seen):
+            for n, (_, e) in enumerate(records):
                 bar.update()
                 if isinstance(e, jsonl.ManifestError):
                     skipped.append(e)
                     if len(skipped) > allowed:
                         raise TooManyBadRecords(
-                            f"{path}: more than {allowed} of {total} records bad (max_bad_fraction "
+                            f"{spec}: more than {allowed} of {total} records bad (max_bad_fraction "
                             f"{cfg.max_bad_fraction}); stopped at {e}")
                     continue
-                yield line, {"record": e.to_bytes(), "id": e.id, "tag": e.tag, "kind": e.kind}
+                yield n, {"record": e.to_bytes(), "id": e.id, "tag": e.tag, "kind": e.kind}
                 written += 1
         if not written:
-            raise TooManyBadRecords(f"{path}: no usable records ({total} non-blank lines)")
+            raise TooManyBadRecords(f"{spec}: no usable records ({total} {self.RECORDS_ARE})")
         # Inside download_and_prepare, `data_dir` is TFDS's temporary folder, renamed into
         # place only when every split succeeded: the skip list is published with the data.
         with open(os.path.join(self.data_dir, SKIPPED), "a") as f:
             for s in skipped:
-                f.write(json.dumps({"split": split, "file": s.path, "line": s.line,
+                f.write(json.dumps({"split": split, "file": s.path, s.locator: s.line,
                                     "reason": s.reason, "message": str(s)}) + "\n")
+
+
+class ManifestEpisodes(EpisodeRecords):
+    """Real-data episodes from a JSONL manifest and its images, one record each."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Episode.to_bytes records (SJEP1 or SJEP2) with id, tag and kind."}
+    BUILDER_CONFIGS = [ManifestConfig(name="default")]
+    RECORDS_ARE = "non-blank lines"
+    code_path = epath.Path(__file__)  # see ShapesEpisodes.code_path
+
+    def _records(self, spec: str, seen: set[str]):
+        return jsonl.count_records(spec), jsonl.iter_manifest(spec, self.builder_config.limits(), seen)
 
 
 def builder(data_dir: str | os.PathLike, config: ManifestConfig) -> ManifestEpisodes:
@@ -166,13 +214,17 @@ def builder(data_dir: str | os.PathLike, config: ManifestConfig) -> ManifestEpis
 def build(data_dir: str | os.PathLike, config: ManifestConfig, progress: bool = True) -> BuildSummary:
     """Parse, check and write the splits as ArrayRecord (nothing downloaded); a directory
     already built with the same manifests and limits is reused. Raises TooManyBadRecords."""
-    b = builder(data_dir, config)
+    return prepare(builder(data_dir, config), progress)
+
+
+def prepare(b: EpisodeRecords, progress: bool = True) -> BuildSummary:
+    """Writes an opened builder's splits (or reuses them) and returns their counts."""
     b.progress = progress
     sb.prepare(b)  # also quiets TFDS's notices for a config made in code (shapes_builder)
     return summary(b)
 
 
-def summary(b: ManifestEpisodes) -> BuildSummary:
+def summary(b: EpisodeRecords) -> BuildSummary:
     """Counts of a written directory, read back from its split info and skipped.jsonl."""
     path = os.path.join(b.data_dir, SKIPPED)
     skipped, reasons = collections.Counter(), collections.Counter()
@@ -181,7 +233,7 @@ def summary(b: ManifestEpisodes) -> BuildSummary:
             for row in map(json.loads, f):
                 skipped[row["split"]] += 1
                 reasons[row["reason"]] += 1
-    written = {s: b.info.splits[s].num_examples for s in b.builder_config.manifests()}
+    written = {s: b.info.splits[s].num_examples for s in b.builder_config.inputs()}
     return BuildSummary(b.data_dir, written, dict(skipped), dict(reasons), path)
 
 

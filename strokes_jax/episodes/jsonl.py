@@ -25,7 +25,7 @@ import dataclasses
 import io
 import json
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -46,16 +46,23 @@ class Limits:
     max_steps: int = 8
 
 
+class DataError(ValueError):
+    """The input as a whole cannot be used (too many bad records, an unreadable shard), as
+    opposed to one bad record; the command line shows it as one line."""
+
+
 class ManifestError(ep.EpisodeError):
     """One unusable manifest line. str() is the whole one-line message."""
+
+    locator = "line"  # what `line` counts; other sources count rows or name samples
 
     def __init__(self, path: str, line: int, reason: str, message: str):
         super().__init__(f"{path}:{line}: {message}")
         self.path, self.line, self.reason, self.detail = path, line, reason, message
 
 
-class _Bad(Exception):
-    """Raised while parsing one line; the caller adds the file and line."""
+class BadRecord(Exception):
+    """Raised while parsing one record; the caller adds the file and line (or row, or sample)."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -70,6 +77,8 @@ def decode_image(data: bytes) -> np.ndarray:
             im.load()  # decodes fully now: a truncated file fails here, not in training
             im = ImageOps.exif_transpose(im)  # phone photos are stored sideways plus a tag
             return _to_rgb(im)
+    except Image.UnidentifiedImageError:  # its message holds the repr of our BytesIO
+        raise ValueError("not an image format Pillow knows") from None
     except Exception as e:  # Pillow's plugins raise OSError, SyntaxError, ValueError, ...
         raise ValueError(str(e) or type(e).__name__) from None
 
@@ -88,28 +97,33 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
-def load_image(ref: Any, base_dir: str) -> np.ndarray:
-    """A manifest image reference (a path or {"bytes_b64": ...}) -> uint8 RGB. Raises _Bad."""
+def load_image(ref: Any, base_dir: str | Mapping[str, bytes]) -> np.ndarray:
+    """A manifest image reference (a path or {"bytes_b64": ...}) -> uint8 RGB. Raises BadRecord.
+    `base_dir` is the folder paths are relative to, or the members of a tar sample by name."""
     name = _name(ref)
-    if isinstance(ref, str):
+    if isinstance(ref, str) and isinstance(base_dir, Mapping):
+        if ref not in base_dir:
+            raise BadRecord("missing_image", f"{name} is not a member of the sample")
+        data = base_dir[ref]
+    elif isinstance(ref, str):
         try:
             with open(os.path.join(base_dir, ref), "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            raise _Bad("missing_image", f"{name} not found") from None
+            raise BadRecord("missing_image", f"{name} not found") from None
         except OSError as e:
-            raise _Bad("missing_image", f"{name} cannot be read ({e.strerror or e})") from None
+            raise BadRecord("missing_image", f"{name} cannot be read ({e.strerror or e})") from None
     elif isinstance(ref, dict) and set(ref) == {"bytes_b64"} and isinstance(ref["bytes_b64"], str):
         try:
             data = base64.b64decode(ref["bytes_b64"], validate=True)
         except binascii.Error as e:
-            raise _Bad("malformed", f"{name} is not valid base64 ({e})") from None
+            raise BadRecord("malformed", f"{name} is not valid base64 ({e})") from None
     else:
-        raise _Bad("malformed", f"must be a path or {{\"bytes_b64\": ...}}, not {_json(ref)}")
+        raise BadRecord("malformed", f"must be a path or {{\"bytes_b64\": ...}}, not {_json(ref)}")
     try:
         return decode_image(data)
     except ValueError as e:
-        raise _Bad("corrupt_image", f"{name} is not a readable image ({e})") from None
+        raise BadRecord("corrupt_image", f"{name} is not a readable image ({e})") from None
 
 
 # -- one line ------------------------------------------------------------------------------
@@ -126,58 +140,64 @@ def _field(obj: dict, key: str, types: type | tuple, where: str = "", required: 
            default: Any = None) -> Any:
     if key not in obj:
         if required:
-            raise _Bad("malformed", f"{where}missing field {key!r}")
+            raise BadRecord("malformed", f"{where}missing field {key!r}")
         return default
     value = obj[key]
     if not isinstance(value, types):
         types = types if isinstance(types, tuple) else (types,)
         names = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-        raise _Bad("malformed", f"{where}field {key!r} must be {names}, not {_json(value)}")
+        raise BadRecord("malformed", f"{where}field {key!r} must be {names}, not {_json(value)}")
     return value
 
 
-def _text(value: str | None, what: str, limits: Limits) -> str | None:
+def check_text(value: str | None, what: str, limits: Limits) -> str | None:
     if value is not None and limits.max_text_chars and len(value) > limits.max_text_chars:
-        raise _Bad("long_text", f"{what} is {len(value)} characters, more than max_text_chars "
-                                f"{limits.max_text_chars}")
+        raise BadRecord("long_text", f"{what} is {len(value)} characters, more than "
+                                     f"max_text_chars {limits.max_text_chars}")
     return value
 
 
-def _image(step: dict, key: str, where: str, base_dir: str, limits: Limits) -> np.ndarray:
+def _image(step: dict, key: str, where: str, base_dir, limits: Limits) -> np.ndarray:
     try:
         img = load_image(step[key], base_dir)
-    except _Bad as e:
-        raise _Bad(e.reason, f"{where}{key} {e}") from None
-    if limits.min_side and min(img.shape[:2]) < limits.min_side:
-        raise _Bad("small_image", f"{where}{key} {_name(step[key])} is {img.shape[1]}x"
-                                  f"{img.shape[0]}, shorter side below min_side {limits.min_side}")
+    except BadRecord as e:
+        raise BadRecord(e.reason, f"{where}{key} {e}") from None
+    check_size(img, f"{where}{key} {_name(step[key])}", limits)
     return img
 
 
-def parse_episode(obj: Any, base_dir: str, limits: Limits = Limits()) -> ep.Episode:
-    """A decoded manifest object -> a validated Episode (images loaded). Raises _Bad."""
+def check_size(img: np.ndarray, what: str, limits: Limits) -> None:
+    if limits.min_side and min(img.shape[:2]) < limits.min_side:
+        raise BadRecord("small_image", f"{what} is {img.shape[1]}x{img.shape[0]}, shorter side "
+                                       f"below min_side {limits.min_side}")
+
+
+def parse_episode(obj: Any, base_dir: str | Mapping[str, bytes], limits: Limits = Limits()
+                  ) -> ep.Episode:
+    """A decoded manifest object -> a validated Episode (images loaded). Raises BadRecord.
+    Image paths are relative to `base_dir`, or name members of a tar sample (a mapping)."""
     if not isinstance(obj, dict):
-        raise _Bad("malformed", f"a line must be a JSON object, not {_json(obj)}")
+        raise BadRecord("malformed", f"a line must be a JSON object, not {_json(obj)}")
     eid = _field(obj, "id", str)
     if not eid.strip():
-        raise _Bad("malformed", "field 'id' is empty")
-    prompt = _text(_field(obj, "prompt", str), "prompt", limits)
+        raise BadRecord("malformed", "field 'id' is empty")
+    prompt = check_text(_field(obj, "prompt", str), "prompt", limits)
     raw_steps = _field(obj, "steps", list)
     steps = []
     for i, s in enumerate(raw_steps):
         where = f"step {i}: "
         if not isinstance(s, dict):
-            raise _Bad("malformed", f"{where}a step must be a JSON object, not {_json(s)}")
+            raise BadRecord("malformed", f"{where}a step must be a JSON object, not {_json(s)}")
         # ins / des / inspect must be present (null: no plan, no inspection), so a typo in a
         # key name is an error rather than a step that silently lost its text.
-        texts = {k: _text(_field(s, k, (str, type(None)), where, required=k != "refine"),
+        texts = {k: check_text(_field(s, k, (str, type(None)), where, required=k != "refine"),
                           f"{where}{k}", limits) for k in TEXT_FIELDS}
         context_only = _field(s, "context_only", bool, where, required=False, default=False)
         for key in ("image", "refined"):
             if key in s and s[key] is None:
-                raise _Bad("malformed", f"{where}field {key!r} must be a path or bytes, not null")
+                raise BadRecord("malformed", f"{where}field {key!r} must be a path or bytes, not null")
         if "image" not in s:
-            raise _Bad("malformed", f"{where}missing field 'image'")
+            raise BadRecord("malformed", f"{where}missing field 'image'")
         sketch = _image(s, "image", where, base_dir, limits)
         refined = _image(s, "refined", where, base_dir, limits) if "refined" in s else None
         steps.append(ep.Step(sketch=sketch, refined=refined, sketch_target=not context_only, **texts))
@@ -189,7 +209,7 @@ def parse_episode(obj: Any, base_dir: str, limits: Limits = Limits()) -> ep.Epis
     try:
         return episode.validate(None, max_steps=limits.max_steps)
     except ep.EpisodeError as e:
-        raise _Bad("invalid", str(e)) from None
+        raise BadRecord("invalid", str(e)) from None
 
 
 def parse_line(text: str | bytes, path: str, line: int, limits: Limits = Limits()) -> ep.Episode:
@@ -199,9 +219,9 @@ def parse_line(text: str | bytes, path: str, line: int, limits: Limits = Limits(
         try:
             obj = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise _Bad("malformed", f"not valid JSON ({e})") from None
+            raise BadRecord("malformed", f"not valid JSON ({e})") from None
         return parse_episode(obj, os.path.dirname(os.path.abspath(path)), limits)
-    except _Bad as e:
+    except BadRecord as e:
         raise ManifestError(path, line, e.reason, str(e)) from None
 
 

@@ -129,12 +129,50 @@ def _prepare_manifest(config, workdir: str, need_eval: bool):
             manifest_builder.data_source(ddir, mcfg, "eval"))
 
 
+def _prepare_t2i(config, workdir: str, need_eval: bool):
+    """data.source='parquet' or 'webdataset': as `_prepare_manifest`, from those files."""
+    from strokes_jax.data import t2i_builders
+    from strokes_jax.episodes import sources
+    src, d = config.data.source, config.data[config.data.source]
+    limits = dict(max_bad_fraction=d.max_bad_fraction, min_side=d.min_side, max_text_chars=d.max_text_chars)
+    if src == "parquet":
+        keys = {"train": "data.parquet.path", "eval": "data.parquet.eval_path"}
+        cfg = t2i_builders.ParquetConfig(name=d.name or t2i_builders.default_name(d.path), path=d.path,
+                                         eval_path=d.eval_path, image_column=d.image_column,
+                                         caption_column=d.caption_column, **limits)
+    else:
+        keys = {"train": "data.webdataset.pattern", "eval": "data.webdataset.eval_pattern"}
+        cfg = t2i_builders.WebDatasetConfig(name=d.name or t2i_builders.default_name(d.pattern),
+                                            pattern=d.pattern, eval_pattern=d.eval_pattern,
+                                            max_steps=d.max_steps, **limits)
+    if need_eval and "eval" not in cfg.inputs():
+        raise schema.ConfigKeyError(f"config key {keys['eval']}: training needs held-out data for the "
+                                    "eval loss (build-data alone does not)")
+    for split, spec in cfg.inputs().items():
+        try:
+            cfg.files(spec)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"config key {keys[split]}: {e}") from None
+    ddir = data_dir(config, workdir)
+    try:
+        summary = t2i_builders.build(ddir, cfg, progress=jax.process_index() == 0)
+    except sources.ColumnError as e:
+        raise schema.ConfigKeyError(f"config key data.parquet.{e.key}: {e}") from None
+    if jax.process_index() == 0:
+        print(f"data: {summary}", flush=True)
+    if "eval" not in cfg.inputs():
+        return None
+    return (t2i_builders.data_source(ddir, cfg, "train"), t2i_builders.data_source(ddir, cfg, "eval"))
+
+
 def prepare_data(config, workdir: str, need_eval: bool = True):
     """Build the episodes (once) and return the train and eval sources: the shapes world's,
-    or with data.source='manifest' the user's own (`need_eval` False allows a manifest
-    without an eval split, for `build-data`)."""
+    or with data.source='manifest' / 'parquet' / 'webdataset' the user's own (`need_eval`
+    False allows data without an eval split, for `build-data`)."""
     if config.data.source == "manifest":
         return _prepare_manifest(config, workdir, need_eval)
+    if config.data.source in ("parquet", "webdataset"):
+        return _prepare_t2i(config, workdir, need_eval)
     dcfg, ddir = data_config(config), data_dir(config, workdir)
     tfds.disable_progress_bar()
     t0 = time.time()
