@@ -4,6 +4,7 @@ jax.distributed must be set before JAX starts, so these run in fresh interpreter
   python tests/distributed_driver.py meshes OUT DATA MESH...   (8 forced CPU devices)
   python tests/distributed_driver.py worker OUT DATA WORKDIR PORT PID NPROC
   python tests/distributed_driver.py train OUT DATA WORKDIR STEPS [slow-save-from-step]
+  python tests/distributed_driver.py converted OUT DATA WORKDIR CONVERTED   (8 devices, fsdp)
 Each writes a JSON result to OUT.
 """
 
@@ -94,5 +95,38 @@ def train(out, data_dir, workdir, steps, slow_from=None):
                "end": summary["end_step"], "preempted": summary["preempted"]}, open(out, "w"))
 
 
+# The shapes model with BAGEL's heads: a velocity head and no canvas input, parameters BAGEL
+# does not have.
+BAGEL_SHAPED = {"model.prediction": "v", "model.canvas_skip": False}
+
+
+def converted(out, data_dir, workdir, conv):
+    """Step-0 outputs of converted weights read into an fsdp-sharded state (saved with the
+    batch they were computed on), then 2 training steps from them."""
+    import jax
+    import numpy as np
+    import flax.linen as nn
+    from strokes_jax.train import loop, sharding as shd
+    c = config(steps=2, **BAGEL_SHAPED, **{"mesh.shape": (1, 8, 1), "train.init_converted": conv})
+    train_src, _ = sources(c, data_dir)
+    s = loop.setup(c)
+    loop._init_from(s, c)
+    from strokes_jax.train import step as sp
+    host = next(loop.train_iterator(c, s.etok, train_src, None))
+    xt, t, _ = sp.noised_inputs(host, jax.random.PRNGKey(0), 1.0)
+    inputs = {k: host[k] for k in ("tokens", "types", "positions", "segment_ids", "blocks",
+                                   "patch_pos")}
+    inputs.update(latents=np.asarray(xt), timesteps=np.asarray(t))
+    with jax.set_mesh(s.mesh), nn.logical_axis_rules(shd.rules_tuple(c.rules)):
+        logits, vel = jax.jit(lambda p, x: s.model.apply({"params": p}, **x))(s.state.params, inputs)
+    embed = s.state.params["embed"]
+    np.savez(out + ".npz", logits=np.asarray(logits), vel=np.asarray(vel), **inputs)
+    _, summary = loop.train(c, workdir, (train_src, None))
+    json.dump({"losses": [l for _, l in summary["losses"]],
+               "embed_shard_shape": list(embed.addressable_shards[0].data.shape),
+               "embed_shape": list(embed.shape)}, open(out, "w"))
+
+
 if __name__ == "__main__":
-    {"meshes": meshes, "worker": worker, "train": train}[sys.argv[1]](*sys.argv[2:])
+    {"meshes": meshes, "worker": worker, "train": train,
+     "converted": converted}[sys.argv[1]](*sys.argv[2:])

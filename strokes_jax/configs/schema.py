@@ -163,6 +163,12 @@ def defaults() -> ml_collections.ConfigDict:
         keep_checkpoints=2,  # newest checkpoints kept
         accum_steps=1,  # gradient accumulation: micro-batches per step
         init_from="",  # a workdir whose newest params start this run (phase 2)
+        # A `python -m strokes_jax convert` output folder whose weights start this run (read
+        # straight into the sharded state; every mismatch with the model is named).
+        init_converted="",
+        # Parameters not trained: group names (vit, vision, und, gen, embeddings; see
+        # train/state.py) or regular expressions over '/'-joined parameter paths.
+        freeze=(),
         shard_tolerance=0.25,  # fail if a device holds > (1 + tol) x its share of params
         # (gen, und) capacity fractions of each batch's tokens for sparse MoT routing
         # (single-device only); () routes densely. A batch that does not fit runs dense, so

@@ -27,6 +27,7 @@ from strokes_jax.data import pipeline, shapes_builder
 from strokes_jax.model import routing
 from strokes_jax.model.unified import ModelConfig, UnifiedModel
 from strokes_jax.train import checkpoint as ckpt
+from strokes_jax.train import init_weights
 from strokes_jax.train import run_info
 from strokes_jax.train import flops as fl
 from strokes_jax.train import sharding as shd
@@ -86,7 +87,7 @@ def setup(config, devices=None, model_cfg: ModelConfig | None = None) -> Setup:
     model = UnifiedModel(model_cfg or model_config(config, etok))
     mesh = shd.make_mesh(config.mesh["shape"], devices)
     shd.check_batch(config.data.batch_size, mesh, config.train.accum_steps, jax.process_count())
-    tx = st.make_optimizer(config.optim, config.train.steps)
+    tx = st.make_optimizer(config.optim, config.train.steps, tuple(config.train.freeze))
     state, shardings = st.create_state(model, tx, mesh, config.rules, config.seed,
                                        model.cfg.patch_dim, ema=config.optim.ema_decay > 0)
     shd.check_sufficiently_sharded(state.params, mesh, config.train.shard_tolerance)
@@ -298,8 +299,19 @@ def with_extra_sources(config, train_src):
 
 
 def _init_from(s: Setup, config) -> None:
-    """train.init_from: start from another run's newest params (fresh optimizer and step)."""
-    src = config.train.init_from
+    """train.init_from: start from another run's newest params; train.init_converted: from
+    converted weights. Either way with a fresh optimizer and step."""
+    src, conv = config.train.init_from, config.train.init_converted
+    if src and conv:
+        raise ValueError("config keys train.init_from and train.init_converted: set one, "
+                         "not both")
+    if conv:
+        params = init_weights.restore(conv, s.state.params, s.shardings.params,
+                                      dataclasses.asdict(s.model.cfg))
+        s.state = s.state.replace(params=params,
+                                  ema_params=None if s.state.ema_params is None else params)
+        logging.info("initialised from converted weights %s", conv)
+        return
     if not src:
         return
     mgr = ckpt.manager(src, keep=1, save_every=1)

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -38,12 +39,48 @@ def schedule(cfg, train_steps: int) -> optax.Schedule:
         decay_steps=max(total, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.end_lr_factor)
 
 
-def make_optimizer(cfg, train_steps: int) -> optax.GradientTransformation:
-    """AdamW on `schedule`, after global-norm clipping."""
+# train.freeze names: parameter groups by path ('/'-joined Flax names). Any other entry is a
+# regular expression matched against the whole path.
+FREEZE_GROUPS = {
+    "vit": r"vision/vit/.*",  # the SigLIP tower (its connector stays trainable)
+    "vision": r"vision/.*",  # the tower and its connector
+    "und": r"decoder/.*_und(/.*)?",  # the understanding expert: attention, MLP, norms
+    "gen": r"decoder/.*_gen(/.*)?",  # the generation expert
+    "embeddings": r"embed|lm_head/.*",  # the token embedding and the text head
+}
+
+
+def param_path(path) -> str:
+    """'/'-joined dict keys of a tree path (box wrappers such as nn.Partitioned add none)."""
+    return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+
+
+def freeze_labels(params, freeze: Sequence[str], key: str = "train.freeze"):
+    """A tree like `params` of 'frozen' / 'train'. An entry that matches no parameter is an
+    error: a typo would otherwise train what the user meant to freeze."""
+    patterns = [(f, re.compile(FREEZE_GROUPS.get(f, f))) for f in freeze]
+    paths = [param_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for name, pat in patterns:
+        if not any(pat.fullmatch(p) for p in paths):
+            raise ValueError(f"config key {key}: {name!r} matches no parameter (groups: "
+                             f"{', '.join(FREEZE_GROUPS)}; or a regular expression over paths "
+                             f"such as {paths[0]!r})")
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: "frozen" if any(pat.fullmatch(param_path(p)) for _, pat in patterns)
+        else "train", params)
+
+
+def make_optimizer(cfg, train_steps: int, freeze: Sequence[str] = ()) -> optax.GradientTransformation:
+    """AdamW on `schedule`, after global-norm clipping. Parameters that `freeze` names get no
+    update and no optimizer state (optax.multi_transform), and leave the clipping norm."""
     sched = schedule(cfg, train_steps)
-    return optax.chain(
+    tx = optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
         optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay))
+    if not freeze:
+        return tx
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                 lambda params: freeze_labels(params, tuple(freeze)))
 
 
 def dummy_inputs(batch: int, length: int, patch_dim: int, vision=None):
@@ -59,6 +96,14 @@ def dummy_inputs(batch: int, length: int, patch_dim: int, vision=None):
     return out
 
 
+def _unbox_masked(opt_state):
+    """Frozen parameters' optimizer slots are optax MaskedNodes (no arrays); inside a Flax
+    partitioning box they would look like a sharded array to the sharding derivation."""
+    return jax.tree_util.tree_map(
+        lambda x: x.value if isinstance(x, nn.Partitioned) and isinstance(x.value, optax.MaskedNode)
+        else x, opt_state, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def create_state(model: UnifiedModel, tx, mesh, rules, seed: int, patch_dim: int,
                  ema: bool = False):
     """Returns (state, state_shardings), with every array created on its final shards.
@@ -70,7 +115,7 @@ def create_state(model: UnifiedModel, tx, mesh, rules, seed: int, patch_dim: int
         params_rng, state_rng = jax.random.split(rng)
         params = model.init(params_rng, **dummy_inputs(1, 8, patch_dim, model.cfg.vision))["params"]
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=tx.init(params), rng=state_rng,
+                          opt_state=_unbox_masked(tx.init(params)), rng=state_rng,
                           ema_params=params if ema else None)
 
     rng = jax.random.PRNGKey(seed)
