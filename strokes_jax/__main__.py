@@ -30,6 +30,8 @@ CONFIG_COMMANDS = {
     "reproduce": "the ablation ladder (single-pass ... full method), one table",
     "generate": "paint --prompt / --prompts with the newest checkpoint in --workdir: images, "
                 "trajectory text and a filmstrip per sample",
+    "memory": "bytes per device of a training step for --config on --devices N, for each "
+              "train.freeze choice, before anything compiles",
     "bench": "time training steps of --config on synthetic batches; JSON into --workdir",
 }
 OWN_OPTIONS = {
@@ -54,6 +56,11 @@ flags.DEFINE_string("prompts", None, "generate: a prompts file, one per line or 
 flags.DEFINE_enum("mode", "process", ["process", "single", "both"], "generate: how to paint")
 flags.DEFINE_integer("n", 1, "generate: samples per prompt and mode", lower_bound=1)
 flags.DEFINE_string("out", None, "generate: output folder (default <workdir>/generate)")
+# memory's own flags.
+flags.DEFINE_integer("devices", 8, "memory: devices the mesh spans", lower_bound=1)
+flags.DEFINE_string("device", None, "memory: h100, h200, a100, v5p, v5e, v6e, v4 or GB per device")
+flags.DEFINE_bool("compile", False, "memory: also compile the step here (abstract shapes) and "
+                  "print XLA's memory_analysis; needs --devices local devices")
 FLAGS = flags.FLAGS
 
 
@@ -97,6 +104,10 @@ def main(argv):
         setup, _ = loop.restore_for_eval(config, workdir, FLAGS.allow_config_change)
         stats = job.self_critique(setup, config, workdir)
         print(json.dumps(stats, indent=1))
+        return
+    if cmd == "memory":
+        from strokes_jax.train import memory
+        print(memory.report(config, FLAGS.devices, FLAGS.device, FLAGS.compile))
         return
     if cmd == "generate":
         _generate(config, workdir)

@@ -104,12 +104,8 @@ def _unbox_masked(opt_state):
         else x, opt_state, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def create_state(model: UnifiedModel, tx, mesh, rules, seed: int, patch_dim: int,
-                 ema: bool = False):
-    """Returns (state, state_shardings), with every array created on its final shards.
-
-    init builds boxed (logically partitioned) params; their axis names give the shardings,
-    and the state itself holds plain arrays so Orbax and optax see ordinary pytrees."""
+def init_fn(model: UnifiedModel, tx, patch_dim: int, ema: bool = False):
+    """rng -> the boxed (logically partitioned) TrainState."""
 
     def init(rng):
         params_rng, state_rng = jax.random.split(rng)
@@ -117,7 +113,17 @@ def create_state(model: UnifiedModel, tx, mesh, rules, seed: int, patch_dim: int
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=_unbox_masked(tx.init(params)), rng=state_rng,
                           ema_params=params if ema else None)
+    return init
 
+
+def create_state(model: UnifiedModel, tx, mesh, rules, seed: int, patch_dim: int,
+                 ema: bool = False):
+    """Returns (state, state_shardings), with every array created on its final shards.
+
+    init builds boxed (logically partitioned) params; their axis names give the shardings,
+    and the state itself holds plain arrays so Orbax and optax see ordinary pytrees."""
+
+    init = init_fn(model, tx, patch_dim, ema)
     rng = jax.random.PRNGKey(seed)
     abstract = jax.eval_shape(init, rng)
     shd.check_divisible(abstract, mesh, rules)
