@@ -293,7 +293,7 @@ def test_convert_subcommand_of_the_main_entry(synthetic, tmp_path):
 def test_package_does_not_import_torch():
     import subprocess
     import sys
-    code = ("import sys; import strokes_jax.convert.bagel, strokes_jax.convert.cli, "
+    code = ("import sys; import strokes_jax.convert.bagel, strokes_jax.convert.cli, strokes_jax.convert.hf, "
             "strokes_jax.model.counts, strokes_jax.sequence.qwen; "
             "bad = [m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules]; "
             "assert not bad, bad")
@@ -301,9 +301,12 @@ def test_package_does_not_import_torch():
 
 
 def test_memory_bench_smoke():
-    """The conversion memory benchmark runs end to end at a tiny size."""
+    """The conversion memory benchmark runs end to end at a tiny size and reports peak memory
+    against the output's size (the figures only mean something at the documented size)."""
     from strokes_jax.convert import memory_bench
     r = memory_bench.run(width=64, depth=2, mlp=128, vocab=512, heads=4)
     assert r["source_mb_bf16"] > 0 and r["output_mb_f32"] == 2 * r["source_mb_bf16"]
     assert r["peak_anon_mb"] >= r["anon_after_imports_mb"] > 0
+    assert r["peak_rss_mb"] >= r["rss_after_imports_mb"] >= r["anon_after_imports_mb"]
+    assert r["peak_rss_growth_over_output"] == pytest.approx(r["conversion_rss_growth_mb"] / r["output_mb_f32"])
     assert r["params"]["language_model"] > 0 and r["device"]["platform"] == "cpu"

@@ -2,11 +2,15 @@
 (no attention bias, QK-norm before RoPE): build a tiny random reference, save it as
 safetensors under BAGEL's key names, convert it with our converter and compare logits on text
 tokens (float32, CPU). GQA, RoPE theta 1e6 and an untied head are exercised by the config.
+`convert qwen2` is checked the same way on the folder `save_pretrained` writes (sharded),
+including a tied head and a width the 2-D position table cannot take (30).
 
 Run with -s to see the measured max abs error and KL.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +22,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 
-from strokes_jax.convert import bagel  # noqa: E402
+from strokes_jax.convert import bagel, hf  # noqa: E402
 from strokes_jax.convert.keymap import ConversionError, Reader, merge  # noqa: E402
+from strokes_jax.convert.output import load_converted  # noqa: E402
 from strokes_jax.model.mot import DecoderConfig  # noqa: E402
 from strokes_jax.model.unified import ModelConfig, UnifiedModel  # noqa: E402
 
@@ -63,13 +68,14 @@ def converted(request, tmp_path_factory):
                                         decoder=dec)
 
 
-def _our_logits(cfg, params, tokens):
+def _our_logits(cfg, params, tokens, *, text_only: bool = False):
     model = UnifiedModel(cfg)
     b, n = tokens.shape
     z = jnp.zeros((b, n), jnp.int32)
     args = dict(tokens=jnp.asarray(tokens), types=z, positions=jnp.broadcast_to(jnp.arange(n), (b, n)),
                 segment_ids=jnp.ones_like(z), blocks=z, patch_pos=z,
-                latents=jnp.zeros((b, n, cfg.patch_dim)), timesteps=jnp.zeros((b, n)))
+                latents=None if text_only else jnp.zeros((b, n, cfg.patch_dim)),
+                timesteps=None if text_only else jnp.zeros((b, n)))
     init = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **args))["params"]
     fresh = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), _unbox(init))
     full = merge(fresh, params)
@@ -119,6 +125,51 @@ def test_logits_match_hf(converted):
           f"KL(hf||ours) {kl:.3e}")
     assert err < 1e-4 * max(1.0, np.abs(want).max())
     assert kl < 1e-8
+
+
+def _compare(kind, ref, cfg, params, *, text_only=False):
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, L))
+    with torch.no_grad():
+        want = ref(torch.as_tensor(tokens)).logits.numpy()
+    got = _our_logits(cfg, params, tokens, text_only=text_only)
+    err, kl = float(np.max(np.abs(got - want))), kl_divergence(want, got)
+    print(f"\n[{kind}] logits max abs err {err:.3e} (logit scale {np.abs(want).max():.2f}), KL(hf||ours) {kl:.3e}")
+    assert err < 1e-4 * max(1.0, np.abs(want).max())
+    assert kl < 1e-8
+
+
+def test_convert_qwen2_matches_hf(converted, tmp_path):
+    """`convert qwen2` on save_pretrained's sharded folder, told a scanned config that agrees with
+    config.json: the scanned result, both experts from the one decoder, gives HF's logits."""
+    kind, ref, _, cfg = converted
+    ref.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    scanned = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, scan_layers=True))
+    hf.convert_qwen2(str(tmp_path / "hf"), str(tmp_path / "out"), scanned, progress=None)
+    params = load_converted(str(tmp_path / "out"))["model"]
+    block = params["decoder"]["layers"]["block"]
+    np.testing.assert_array_equal(block["up_gen"]["kernel"], block["up_und"]["kernel"])
+    _compare(f"convert qwen2, {kind}", ref, scanned, params)
+
+
+@pytest.mark.parametrize("width,tied", [(30, False), (48, True)])
+def test_convert_qwen2_text_only_and_tied(width, tied, tmp_path):
+    """Width 30 (no 2-D table exists for it: the model runs text-only) and a tied head (untied
+    as a copy of the embedding), both read from config.json alone."""
+    torch.manual_seed(3)
+    hf_cfg = transformers.Qwen2Config(**dict(COMMON, hidden_size=width, num_attention_heads=3, num_key_value_heads=1,
+                                             tie_word_embeddings=tied))
+    hf_cfg._attn_implementation = "eager"
+    ref = transformers.Qwen2ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            p.copy_((1.0 + 0.2 * torch.randn_like(p)) if "norm" in name else 0.3 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path / "hf")
+    hf.convert_qwen2(str(tmp_path / "hf"), str(tmp_path / "out"), progress=None)
+    vocab, dec = bagel.decoder_config_from_hf(hf_cfg.to_dict(), allow_tied=tied)
+    cfg = ModelConfig(vocab_size=vocab, patch_dim=4, latent_grid=(2, 2), decoder=dec)
+    _compare(f"convert qwen2, width {width}, tied={tied}", ref, cfg, load_converted(str(tmp_path / "out"))["model"],
+             text_only=True)
 
 
 def test_missing_gen_expert_names_key(converted):

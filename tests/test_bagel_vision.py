@@ -1,7 +1,8 @@
 """Our SigLIP ViT (+ connector and 2-D sin-cos table) vs HF `transformers` SiglipVisionModel on
 a tiny random config, float32 on CPU. The reference's weights are saved under BAGEL's names
 (`vit_model.vision_model.*`) the way BAGEL stores them: last encoder layer dropped, patch
-embedding as a Linear over (row, col, channel); the converter reads that file.
+embedding as a Linear over (row, col, channel); the converter reads that file. `convert
+siglip` reads the folder HF's save_pretrained writes (stock Conv2d patch embedding).
 
 Run with -s to see the measured errors.
 """
@@ -17,8 +18,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import save_file  # noqa: E402
 
-from strokes_jax.convert import bagel  # noqa: E402
+from strokes_jax.convert import bagel, hf  # noqa: E402
 from strokes_jax.convert.keymap import Reader, convert  # noqa: E402
+from strokes_jax.convert.output import load_converted  # noqa: E402
 from strokes_jax.model.layers import sincos_2d  # noqa: E402
 from strokes_jax.model.vision import SiglipViT, VisionTower, patch_positions  # noqa: E402
 from strokes_jax.sequence.tokenizer import patchify  # noqa: E402
@@ -78,7 +80,7 @@ def setup(tmp_path_factory):
         want = getattr(ref, "vision_model", ref).post_layernorm(out.hidden_states[LAYERS - 1])
         want_tower = connector(want).numpy() + mae_sincos_2d(SIDE, LLM_WIDTH)[None]
     patches = np.stack([patchify(im.transpose(1, 2, 0), P) for im in images])  # (row, col, ch)
-    return vcfg, params, patches, want.numpy(), want_tower
+    return vcfg, params, patches, want.numpy(), want_tower, ref
 
 
 def _err(a, b):
@@ -86,7 +88,7 @@ def _err(a, b):
 
 
 def test_vit_hidden_states_match_hf(setup):
-    vcfg, params, patches, want, _ = setup
+    vcfg, params, patches, want, _, _ = setup
     pos = jnp.broadcast_to(patch_positions(SIDE, SIDE, vcfg.max_side), patches.shape[:2])
     got = SiglipViT(vcfg).apply({"params": params["vit"]}, patches, pos, jnp.ones(pos.shape, jnp.int32))
     err = _err(got, want)
@@ -96,7 +98,7 @@ def test_vit_hidden_states_match_hf(setup):
 
 def test_packed_images_attend_only_within_themselves(setup):
     """Both images in one row with a non-image token between: same features as one per row."""
-    vcfg, params, patches, want, want_tower = setup
+    vcfg, params, patches, want, want_tower, _ = setup
     n = SIDE * SIDE
     row = np.concatenate([patches[0], np.zeros((1, patches.shape[-1]), np.float32), patches[1]])[None]
     pos1 = np.asarray(patch_positions(SIDE, SIDE, vcfg.max_side))
@@ -105,4 +107,32 @@ def test_packed_images_attend_only_within_themselves(setup):
     got = VisionTower(vcfg, LLM_WIDTH).apply({"params": params}, row, pos, ids)[0]
     err = max(_err(got[:n], want_tower[0]), _err(got[n + 1:], want_tower[1]))
     print(f"\n[siglip+connector+table, packed] max abs err {err:.3e}")
+    assert err < 1e-4
+
+
+@pytest.mark.parametrize("layout", ["vision_model", "siglip_model"])
+def test_convert_siglip_reads_the_hf_folder(setup, tmp_path, layout):
+    """`convert siglip` from config.json alone (layers - 1, grid image_size / patch_size): the
+    same config as BAGEL's, and HF's features after the second-to-last layer. Both layouts: a
+    SiglipVisionModel as save_pretrained writes it, and a whole SiglipModel's (`vision_model.`
+    names beside a text tower, the vision config nested)."""
+    import json
+    vcfg, _, patches, want, _, ref = setup
+    folder = tmp_path / "siglip"
+    ref.save_pretrained(folder)
+    if layout == "siglip_model":
+        vision = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps(dict(model_type="siglip", text_config={}, vision_config=vision)))
+        tensors = {f"vision_model.{k.removeprefix('vision_model.')}": v.contiguous()
+                   for k, v in ref.state_dict().items()}
+        tensors.update({"logit_scale": torch.ones(1), "text_model.embeddings.token_embedding.weight": torch.ones(3, 2)})
+        save_file(tensors, str(folder / "model.safetensors"))
+    hf.convert_siglip(str(folder), str(tmp_path / "out"), progress=None)
+    meta = (tmp_path / "out" / "conversion.json").read_text()
+    assert f'"max_side": {SIDE}' in meta and f'"depth": {LAYERS - 1}' in meta
+    params = load_converted(str(tmp_path / "out"))["model"]["vision"]["vit"]
+    pos = jnp.broadcast_to(patch_positions(SIDE, SIDE, vcfg.max_side), patches.shape[:2])
+    got = SiglipViT(vcfg).apply({"params": params}, patches, pos, jnp.ones(pos.shape, jnp.int32))
+    err = _err(got, want)
+    print(f"\n[convert siglip, {layout}] hidden states max abs err {err:.3e}")
     assert err < 1e-4

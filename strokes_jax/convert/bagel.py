@@ -1,8 +1,9 @@
 """BAGEL-7B-MoT checkpoint -> Flax params: the key maps (BAGEL's tensor names) and the
 conversion job (`ema.safetensors` + `ae.safetensors` -> one Orbax checkpoint).
 
-The maps produce the unscanned layout (`decoder/layer_{i}/...`); a scanned model stacks
-`layer_*` afterwards, so the per-key map stays one line per source tensor.
+The maps are written for the unscanned layout (`decoder/layer_{i}/...`); a scanned model gets
+each layer written into its slot of the stacked params (`decoder_stacking`), so the per-key
+map stays one line per source tensor.
 
 Fixed tables stored in the checkpoint (`latent_pos_embed.pos_embed`, `vit_pos_embed.pos_embed`)
 are not params here, the model computes them; the converter checks they equal our 2-D sin-cos
@@ -10,23 +11,24 @@ table, which catches a layout convention drifting (row/column halves, grid size)
 
 Every source tensor is checked as it is read (keymap.check_tensor): a NaN/inf, or a dtype
 other than bfloat16/float16/float32, is refused naming the key and file unless
-`allow_nonfinite` / `allow_dtype`. An existing output folder is refused before anything is read
-unless `overwrite`, and then only one this converter could have written is removed.
+`allow_nonfinite` / `allow_dtype`. The output folder's rules are output.py's; the tensors are
+streamed into the checkpoint by writer.py, so host memory stays far below the output's size.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from strokes_jax.convert import output, writer
+from strokes_jax.convert.hf_config import decoder_config_from_hf, vision_config_from_hf  # noqa: F401 (API)
 from strokes_jax.convert.keymap import (
     CONV2D, CONV1X1_TO_LINEAR, LINEAR, ConversionError, Copy, Reader, Rule,
     bias_to_heads, check, check_tensor, conv_patch_to_linear, convert, linear_to_heads)
+from strokes_jax.convert.output import load_converted  # noqa: F401 (API)
 from strokes_jax.model.layers import sincos_2d
 from strokes_jax.model.mot import DecoderConfig
 from strokes_jax.model.unified import ModelConfig
@@ -59,15 +61,18 @@ def _heads(src: str, dst: tuple, heads: int, head_dim: int, inp: int, bias: bool
     return rules
 
 
-def decoder_rules(vocab: int, d: DecoderConfig, *, init_gen_from_und: bool = False
+def decoder_rules(vocab: int, d: DecoderConfig, *, init_gen_from_und: bool = False, prefix: str = LM
                   ) -> tuple[list[Rule], list[Copy]]:
     """The Qwen2 MoT language model. With `init_gen_from_und` the checkpoint holds only the
     understanding expert (a plain Qwen2/Qwen3) and the generation expert is a copy of it, as
-    BAGEL initialises it; otherwise every `*_moe_gen` key must be present."""
+    BAGEL initialises it; otherwise every `*_moe_gen` key must be present. `prefix` is what
+    precedes HF's own names (`model.layers...`, `lm_head`): BAGEL's `language_model`, or ""
+    for a plain HF checkpoint."""
     rules, copies = [], []
     w, hd = d.width, d.head_dim
+    lm = f"{prefix}." if prefix else ""
     for i in range(d.depth):
-        pre, dst = f"{LM}.model.layers.{i}", ("decoder", f"layer_{i}")
+        pre, dst = f"{lm}model.layers.{i}", ("decoder", f"layer_{i}")
         for tag, sfx in EXPERTS:
             r = []
             r += _heads(f"{pre}.self_attn.q_proj{sfx}", dst + (f"q_{tag}",), d.heads, hd, w, d.qkv_bias)
@@ -85,9 +90,9 @@ def decoder_rules(vocab: int, d: DecoderConfig, *, init_gen_from_und: bool = Fal
                           dst + (f"post_norm_{tag}", "scale"), (w,)))
             rules += r
     for tag, sfx in EXPERTS:
-        rules.append(Rule(f"{LM}.model.norm{sfx}.weight", ("decoder", f"final_norm_{tag}", "scale"), (w,)))
-    rules.append(Rule(f"{LM}.model.embed_tokens.weight", ("embed",), (vocab, w)))
-    rules += _linear(f"{LM}.lm_head", ("lm_head",), vocab, w, False)
+        rules.append(Rule(f"{lm}model.norm{sfx}.weight", ("decoder", f"final_norm_{tag}", "scale"), (w,)))
+    rules.append(Rule(f"{lm}model.embed_tokens.weight", ("embed",), (vocab, w)))
+    rules += _linear(f"{lm}lm_head", ("lm_head",), vocab, w, False)
     if init_gen_from_und:
         und = [r for r in rules if "_moe_gen" not in r.src]
         gen = [r for r in rules if "_moe_gen" in r.src]
@@ -104,35 +109,42 @@ def gen_head_rules(cfg: ModelConfig) -> list[Rule]:
             + _linear("time_embedder.mlp.2", ("time_embedder", "mlp_2"), w, w, True))
 
 
-def vision_rules(v: VisionConfig, llm_width: int, *, conv_patch: bool = False,
-                 prefix: tuple = ("vision",)) -> list[Rule]:
-    """SigLIP ViT + connector. BAGEL stores the patch embedding as a Linear over (row, col,
-    channel); `conv_patch` reads the stock SigLIP Conv2d form instead."""
-    vit, w = prefix + ("vit",), v.width
+def vit_rules(v: VisionConfig, *, src: str = VIT, dst: tuple = ("vision", "vit"),
+              conv_patch: bool = False) -> list[Rule]:
+    """The SigLIP ViT under `src` (BAGEL's `vit_model.vision_model`, HF's `vision_model`, or ""
+    for none). BAGEL stores the patch embedding as a Linear over (row, col, channel);
+    `conv_patch` reads the stock SigLIP Conv2d form instead."""
+    w = v.width
+    src = f"{src}." if src else ""
     if conv_patch:
-        rules = [Rule(f"{VIT}.embeddings.patch_embedding.weight", vit + ("patch_embed", "kernel"),
+        rules = [Rule(f"{src}embeddings.patch_embedding.weight", dst + ("patch_embed", "kernel"),
                       (w, v.channels, v.patch, v.patch), conv_patch_to_linear(v.channels, v.patch)),
-                 Rule(f"{VIT}.embeddings.patch_embedding.bias", vit + ("patch_embed", "bias"), (w,))]
+                 Rule(f"{src}embeddings.patch_embedding.bias", dst + ("patch_embed", "bias"), (w,))]
     else:
-        rules = _linear(f"{VIT}.embeddings.patch_embedding", vit + ("patch_embed",), w, v.patch_dim, True)
-    rules.append(Rule(f"{VIT}.embeddings.position_embedding.weight", vit + ("pos_embed",),
+        rules = _linear(f"{src}embeddings.patch_embedding", dst + ("patch_embed",), w, v.patch_dim, True)
+    rules.append(Rule(f"{src}embeddings.position_embedding.weight", dst + ("pos_embed",),
                       (v.max_side * v.max_side, w)))
     for j in range(v.depth):
-        pre, dst = f"{VIT}.encoder.layers.{j}", vit + (f"layer_{j}",)
-        for src, ours in (("layer_norm1", "ln1"), ("layer_norm2", "ln2")):
-            rules += [Rule(f"{pre}.{src}.weight", dst + (ours, "scale"), (w,)),
-                      Rule(f"{pre}.{src}.bias", dst + (ours, "bias"), (w,))]
+        pre, lay = f"{src}encoder.layers.{j}", dst + (f"layer_{j}",)
+        for name, ours in (("layer_norm1", "ln1"), ("layer_norm2", "ln2")):
+            rules += [Rule(f"{pre}.{name}.weight", lay + (ours, "scale"), (w,)),
+                      Rule(f"{pre}.{name}.bias", lay + (ours, "bias"), (w,))]
         for n in ("q", "k", "v"):
-            rules += _heads(f"{pre}.self_attn.{n}_proj", dst + (n,), v.heads, v.head_dim, w, True)
-        rules += _linear(f"{pre}.self_attn.out_proj", dst + ("o",), w, w, True)
-        rules += _linear(f"{pre}.mlp.fc1", dst + ("fc1",), v.mlp, w, True)
-        rules += _linear(f"{pre}.mlp.fc2", dst + ("fc2",), w, v.mlp, True)
-    rules += [Rule(f"{VIT}.post_layernorm.weight", vit + ("post_norm", "scale"), (w,)),
-              Rule(f"{VIT}.post_layernorm.bias", vit + ("post_norm", "bias"), (w,))]
+            rules += _heads(f"{pre}.self_attn.{n}_proj", lay + (n,), v.heads, v.head_dim, w, True)
+        rules += _linear(f"{pre}.self_attn.out_proj", lay + ("o",), w, w, True)
+        rules += _linear(f"{pre}.mlp.fc1", lay + ("fc1",), v.mlp, w, True)
+        rules += _linear(f"{pre}.mlp.fc2", lay + ("fc2",), w, v.mlp, True)
+    return rules + [Rule(f"{src}post_layernorm.weight", dst + ("post_norm", "scale"), (w,)),
+                    Rule(f"{src}post_layernorm.bias", dst + ("post_norm", "bias"), (w,))]
+
+
+def vision_rules(v: VisionConfig, llm_width: int, *, conv_patch: bool = False,
+                 prefix: tuple = ("vision",)) -> list[Rule]:
+    """SigLIP ViT + connector, under BAGEL's names."""
     con = prefix + ("connector",)
-    rules += _linear("connector.fc1", con + ("fc1",), llm_width, w, True)
-    rules += _linear("connector.fc2", con + ("fc2",), llm_width, llm_width, True)
-    return rules
+    return (vit_rules(v, dst=prefix + ("vit",), conv_patch=conv_patch)
+            + _linear("connector.fc1", con + ("fc1",), llm_width, v.width, True)
+            + _linear("connector.fc2", con + ("fc2",), llm_width, llm_width, True))
 
 
 def _conv(src: str, dst: tuple, out: int, inp: int, k: int = 3) -> list[Rule]:
@@ -198,10 +210,12 @@ class FixedTable:
     value: np.ndarray
 
 
-def fixed_tables(cfg: ModelConfig) -> list[FixedTable]:
+def fixed_tables(cfg: ModelConfig, *, gen_heads: bool = True, vision: bool = True) -> list[FixedTable]:
+    """The tables of the parts converted: a text-only conversion computes none, so a width the
+    2-D table cannot take (not divisible by 4) converts."""
     g = cfg.latent_grid
-    out = [FixedTable(LATENT_TABLE, sincos_2d(g[0], g[1], cfg.decoder.width))]
-    if cfg.vision is not None:
+    out = [FixedTable(LATENT_TABLE, sincos_2d(g[0], g[1], cfg.decoder.width))] if gen_heads else []
+    if vision and cfg.vision is not None:
         s = cfg.vision.max_side
         out.append(FixedTable(VIT_TABLE, sincos_2d(s, s, cfg.decoder.width)))
     return out
@@ -217,49 +231,6 @@ def model_rules(cfg: ModelConfig, *, init_gen_from_und: bool = False, gen_heads:
     if vision and cfg.vision is not None:
         rules += vision_rules(cfg.vision, cfg.decoder.width, conv_patch=conv_patch)
     return rules, copies
-
-
-# --------------------------------------------------------------------------------------
-# Configs from the checkpoint's JSON files.
-
-
-def decoder_config_from_hf(c: Mapping, *, bagel: bool = False, dtype: str = "float32"
-                           ) -> tuple[int, DecoderConfig]:
-    """(vocab, DecoderConfig) from a Qwen2/Qwen3 `config.json` (or BAGEL's llm_config.json;
-    `bagel` applies what BAGEL's loader forces: QK-norm on, untied head)."""
-    mt = c.get("model_type", "qwen2")
-    if mt not in ("qwen2", "qwen3"):
-        raise ConversionError(f"llm config model_type {mt!r}: expected 'qwen2' or 'qwen3'")
-    rope = c.get("rope_parameters") or {}
-    theta = c.get("rope_theta", rope.get("rope_theta"))
-    scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    if theta is None or scaling:
-        raise ConversionError(f"llm config: need plain RoPE with rope_theta, got {rope or scaling}")
-    if c.get("tie_word_embeddings", False) and not bagel:
-        raise ConversionError("llm config key tie_word_embeddings=true: the model needs an untied lm_head")
-    if c.get("use_sliding_window", False):
-        raise ConversionError("llm config key use_sliding_window=true is not supported")
-    heads = int(c["num_attention_heads"])
-    qk_norm = True if (bagel or mt == "qwen3") else bool(c.get("qk_norm", False))
-    qkv_bias = True if mt == "qwen2" else bool(c.get("attention_bias", False))
-    return int(c["vocab_size"]), DecoderConfig(
-        width=int(c["hidden_size"]), depth=int(c["num_hidden_layers"]), heads=heads,
-        kv_heads=int(c.get("num_key_value_heads", heads)),
-        head_dim=int(c.get("head_dim") or c["hidden_size"] // heads), mlp=int(c["intermediate_size"]),
-        rope_theta=float(theta), qk_norm=qk_norm, qkv_bias=qkv_bias,
-        norm_eps=float(c.get("rms_norm_eps", 1e-6)), dtype=dtype)
-
-
-def vision_config_from_hf(c: Mapping, *, max_side: int = 70, drop_last_layer: bool = True,
-                          dtype: str = "float32") -> VisionConfig:
-    """VisionConfig from a SigLIP vision config; BAGEL drops the last encoder layer."""
-    if c.get("hidden_act", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
-        raise ConversionError(f"vit config key hidden_act={c['hidden_act']!r}: expected gelu_pytorch_tanh")
-    return VisionConfig(width=int(c["hidden_size"]),
-                        depth=int(c["num_hidden_layers"]) - int(drop_last_layer),
-                        heads=int(c["num_attention_heads"]), mlp=int(c["intermediate_size"]),
-                        patch=int(c["patch_size"]), channels=int(c.get("num_channels", 3)),
-                        max_side=max_side, norm_eps=float(c.get("layer_norm_eps", 1e-6)), dtype=dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -296,23 +267,28 @@ def decoder_stacking(cfg: ModelConfig):
     return where
 
 
-def convert_model(reader, cfg: ModelConfig, *, init_gen_from_und: bool = False,
-                  dtype=None, allow_nonfinite: bool = False, allow_dtype: bool = False, **parts) -> dict:
-    """ema.safetensors reader -> UnifiedModel params (nested dict of numpy arrays), in the
-    scanned layout when the config scans the decoder."""
-    checks = dict(allow_nonfinite=allow_nonfinite, allow_dtype=allow_dtype)
+def model_map(reader, cfg: ModelConfig, *, init_gen_from_und: bool = False, allow_nonfinite: bool = False,
+              allow_dtype: bool = False, **parts) -> tuple[list[Rule], list[Copy], list[str]]:
+    """(rules, copies, source keys left unread) for ema.safetensors, after the header checks
+    and the fixed-table check, so a wrong key, shape or dtype fails before any weight is read."""
     if "conv_patch" not in parts and cfg.vision is not None:
         key = f"{VIT}.embeddings.patch_embedding.weight"
         parts["conv_patch"] = key in reader.keys() and len(reader.shape(key)) == 4
     rules, copies = model_rules(cfg, init_gen_from_und=init_gen_from_und, **parts)
-    tables = [t for t in fixed_tables(cfg)
-              if (t.src != VIT_TABLE or parts.get("vision", True))
-              and (t.src != LATENT_TABLE or parts.get("gen_heads", True))]
-    # Header-only checks first, so a wrong key, shape or dtype fails before any tensor is read.
-    check(reader, rules, ignore=[t.src for t in tables], allow_dtype=allow_dtype)
-    check_fixed_tables(reader, tables, **checks)
-    return convert(reader, rules, copies, dtype=dtype, ignore=[t.src for t in tables],
-                   stacking=decoder_stacking(cfg), **checks)
+    tables = fixed_tables(cfg, gen_heads=parts.get("gen_heads", True), vision=parts.get("vision", True))
+    ignore = [t.src for t in tables]
+    check(reader, rules, ignore=ignore, allow_dtype=allow_dtype)
+    check_fixed_tables(reader, tables, allow_nonfinite=allow_nonfinite, allow_dtype=allow_dtype)
+    return rules, copies, ignore
+
+
+def convert_model(reader, cfg: ModelConfig, *, init_gen_from_und: bool = False,
+                  dtype=None, allow_nonfinite: bool = False, allow_dtype: bool = False, **parts) -> dict:
+    """ema.safetensors reader -> UnifiedModel params (nested dict of numpy arrays in memory),
+    in the scanned layout when the config scans the decoder."""
+    checks = dict(allow_nonfinite=allow_nonfinite, allow_dtype=allow_dtype)
+    rules, copies, ignore = model_map(reader, cfg, init_gen_from_und=init_gen_from_und, **checks, **parts)
+    return convert(reader, rules, copies, dtype=dtype, ignore=ignore, stacking=decoder_stacking(cfg), **checks)
 
 
 def convert_vae(reader, cfg: AEConfig, *, dtype=None, allow_nonfinite: bool = False,
@@ -320,74 +296,35 @@ def convert_vae(reader, cfg: AEConfig, *, dtype=None, allow_nonfinite: bool = Fa
     return convert(reader, vae_rules(cfg), dtype=dtype, allow_nonfinite=allow_nonfinite, allow_dtype=allow_dtype)
 
 
-# What convert_bagel writes into its folder (Orbax's in-progress `params.*` included): with
-# `overwrite`, only a folder holding nothing else is removed, so a mistyped --out cannot wipe
-# unrelated files.
-_OUTPUTS = ("params", "conversion.json", "tokenizer.json")
-
-
-def _check_replaceable(out_dir: str) -> None:
-    if os.path.islink(out_dir) or not os.path.isdir(out_dir):
-        raise FileExistsError(f"{out_dir}: exists and is not a folder; not replacing it")
-    foreign = sorted(n for n in os.listdir(out_dir) if n not in _OUTPUTS and not n.startswith("params."))
-    if foreign:
-        raise FileExistsError(f"{out_dir}: exists and holds files a conversion does not write "
-                              f"({', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}); not replacing it")
-
-
 def convert_bagel(ema: str, ae: str, out_dir: str, cfg: ModelConfig, ae_cfg: AEConfig, *,
                   tokenizer: str | None = None, dtype=None, init_gen_from_und: bool = False,
-                  overwrite: bool = False, allow_nonfinite: bool = False, allow_dtype: bool = False) -> str:
+                  overwrite: bool = False, allow_nonfinite: bool = False, allow_dtype: bool = False,
+                  progress: str | None = "converting") -> str:
     """Writes `out_dir/params` (Orbax, {'model': ..., 'vae': ...}), `out_dir/conversion.json`
     and a copy of the tokenizer. Returns the params path.
 
     An existing `out_dir` is refused before anything is read unless `overwrite`; it is then
-    removed only once both checkpoints have converted, so a refused source leaves it intact."""
-    import orbax.checkpoint as ocp
-
-    out_dir = os.path.abspath(out_dir)
-    if os.path.lexists(out_dir):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir}: exists; pass overwrite=True to replace it")
-        _check_replaceable(out_dir)
+    replaced only once both checkpoints have converted, so a refused source leaves it intact."""
+    out_dir = output.check_out(out_dir, overwrite)
     if tokenizer and not os.path.isfile(tokenizer):  # found now, not after the conversion
         raise FileNotFoundError(f"{tokenizer}: no such file")
     checks = dict(allow_nonfinite=allow_nonfinite, allow_dtype=allow_dtype)
     ema_reader, ae_reader = Reader([ema]), Reader([ae])
     # Header-only (keys, shapes, dtypes): a bad ae.safetensors fails before the long model pass.
     check(ae_reader, vae_rules(ae_cfg), allow_dtype=allow_dtype)
-    model = convert_model(ema_reader, cfg, init_gen_from_und=init_gen_from_und, dtype=dtype, **checks)
-    vae = convert_vae(ae_reader, ae_cfg, dtype=dtype, **checks)
-    del ema_reader, ae_reader
-    if overwrite and os.path.lexists(out_dir):
-        _check_replaceable(out_dir)  # again: something may have been written there meanwhile
-        shutil.rmtree(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "params")
-    # As CPU jax arrays (zero-copy from numpy): Orbax then skips one of its host copies,
-    # which lowers the save's peak host memory (`python -m strokes_jax bench-convert`).
-    import jax
-    cpu = jax.devices("cpu")[0]
-    tree = jax.tree_util.tree_map(lambda x: jax.device_put(x, cpu), {"model": model, "vae": vae})
-    del model, vae
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(path, tree)
-    ckpt.wait_until_finished()
-    if tokenizer:
-        from strokes_jax.sequence.qwen import QwenTokenizer
-        QwenTokenizer.from_file(tokenizer, model_vocab=cfg.vocab_size).save(
-            os.path.join(out_dir, "tokenizer.json"))
-    meta = dict(ema=os.path.abspath(ema), ae=os.path.abspath(ae), tokenizer=tokenizer,
-                dtype=None if dtype is None else str(np.dtype(dtype)),
-                init_gen_from_und=init_gen_from_und, model=_asdict(cfg), vae=dataclasses.asdict(ae_cfg), **checks)
-    with open(os.path.join(out_dir, "conversion.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    return path
+    rules, copies, ignore = model_map(ema_reader, cfg, init_gen_from_und=init_gen_from_und, **checks)
+    parts = [writer.part(ema_reader, ("model",), rules, copies, ignore=ignore, stacking=decoder_stacking(cfg),
+                         dtype=dtype, allow_dtype=allow_dtype),
+             writer.part(ae_reader, ("vae",), vae_rules(ae_cfg), dtype=dtype, allow_dtype=allow_dtype)]
 
-
-def load_converted(out_dir: str) -> dict:
-    import orbax.checkpoint as ocp
-    return ocp.StandardCheckpointer().restore(os.path.join(os.path.abspath(out_dir), "params"))
+    def copy_tokenizer(d):
+        if tokenizer:
+            from strokes_jax.sequence.qwen import QwenTokenizer
+            QwenTokenizer.from_file(tokenizer, model_vocab=cfg.vocab_size).save(os.path.join(d, "tokenizer.json"))
+    meta = dict(kind="bagel", ema=os.path.abspath(ema), ae=os.path.abspath(ae), tokenizer=tokenizer,
+                init_gen_from_und=init_gen_from_und, model=_asdict(cfg), vae=dataclasses.asdict(ae_cfg))
+    return output.write(out_dir, parts, meta, dtype=dtype, overwrite=overwrite, extra=copy_tokenizer,
+                        progress=progress, **checks)
 
 
 def _asdict(cfg: ModelConfig) -> dict:

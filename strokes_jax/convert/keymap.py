@@ -284,18 +284,114 @@ def check(reader, rules: Sequence[Rule], ignore: Iterable[str] = (), *, allow_dt
 Stacking = Callable[[Path], "tuple[Path, int, int] | None"]
 
 
-def _put(out: dict, path: Path, x: np.ndarray, stacking: Stacking | None) -> None:
-    where = stacking(path) if stacking is not None else None
-    if where is None:
-        _set(out, path, x)
-        return
-    spath, i, n = where
+@dataclasses.dataclass(frozen=True)
+class Fill:
+    """A Flax param with no source tensor, set to a constant: the QK-norm scales a plain Qwen2
+    checkpoint lacks start at one, as BAGEL initialised them."""
+
+    dst: Path
+    shape: tuple[int, ...]
+    value: float = 1.0
+
+    @property
+    def flax_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape)
+
+
+@dataclasses.dataclass(eq=False)
+class Planned:
+    """One output param before anything is read: its shape, dtype (None: the source's, known
+    at the first read when the reader has no header) and `slots`, the stack length of a
+    stacked param written one layer at a time (0 when unstacked)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype | None
+    slots: int = 0
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * (4 if self.dtype is None else self.dtype.itemsize)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One source tensor (a Rule) or constant (a Fill) and every place its value goes: (output
+    path, slot of the stack or None for the whole param). A Copy is one more target of the
+    step it copies, so its source is read once."""
+
+    source: "Rule | Fill"
+    targets: tuple[tuple[Path, "int | None"], ...]
+
+
+def _np_dtype(name: str) -> np.dtype:
     try:
-        buf = _get(out, spath)
-    except KeyError:  # first layer seen: allocate the whole stack once
-        buf = np.empty((n,) + x.shape, x.dtype)
-        _set(out, spath, buf)
-    buf[i] = x
+        return np.dtype(name)
+    except TypeError:  # bfloat16 and the float8s: numpy knows them only through ml_dtypes
+        import ml_dtypes
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+def plan(reader, rules: Sequence[Rule], copies: Sequence[Copy] = (), fills: Sequence[Fill] = (), *,
+         dtype=None, stacking: Stacking | None = None) -> tuple[dict, list[Step]]:
+    """(nested dict of Planned leaves, the steps that fill them), from shapes and headers alone,
+    so a writer can lay the output out before any tensor is read. Every param is written
+    exactly once and every slot of a stack is filled, or a ConversionError names the param."""
+    leaves: dict[Path, Planned] = {}
+    written: set = set()
+    steps: list[tuple] = []
+    by_dst: dict[Path, int] = {}
+
+    def target(path: Path, shape: tuple, src_dtype) -> tuple[Path, "int | None"]:
+        where = stacking(path) if stacking is not None else None
+        out, slot, n = (path, None, 0) if where is None else where
+        full = tuple(shape) if slot is None else (n,) + tuple(shape)
+        want = src_dtype if dtype is None else dtype
+        leaf = leaves.setdefault(out, Planned(full, None if want is None else np.dtype(want), n))
+        if leaf.shape != full:
+            raise ConversionError(f"param {'/'.join(out)}: its layers have shapes {leaf.shape[1:]} and {shape}")
+        if (out, slot) in written:
+            raise ConversionError(f"two rules write the same param {'/'.join(path)}")
+        written.add((out, slot))
+        return out, slot
+
+    has_header = hasattr(reader, "dtype")
+    for s in (*rules, *fills):
+        src_dtype = (np.float32 if isinstance(s, Fill) else _np_dtype(reader.dtype(s.src)) if has_header
+                     else None)
+        by_dst[s.dst] = len(steps)
+        steps.append((s, [target(s.dst, s.flax_shape, src_dtype)]))
+    for c in copies:
+        if c.from_dst not in by_dst:
+            raise ConversionError(f"param {'/'.join(c.dst)} copies {'/'.join(c.from_dst)}, which no rule writes")
+        s, targets = steps[by_dst[c.from_dst]]
+        targets.append(target(c.dst, s.flax_shape, leaves[targets[0][0]].dtype))
+    for path, leaf in leaves.items():
+        gaps = [i for i in range(leaf.slots) if (path, i) not in written]
+        if gaps:
+            raise ConversionError(f"param {'/'.join(path)}: stack slots {gaps} are not written by the key map")
+    tree: dict = {}
+    for path, leaf in leaves.items():
+        _set(tree, path, leaf)
+    return tree, [Step(s, tuple(t)) for s, t in steps]
+
+
+def produce(reader, source: "Rule | Fill", *, dtype=None, allow_nonfinite: bool = False,
+            allow_dtype: bool = False) -> np.ndarray:
+    """A step's value in the Flax layout: the source tensor read, checked (check_tensor),
+    transformed and cast to `dtype` (None keeps the source's), or the Fill's constant."""
+    if isinstance(source, Fill):
+        return np.full(source.shape, source.value, np.float32 if dtype is None else dtype)
+    r = source
+    x = r.transform.forward(check_tensor(reader, r.src, reader.get(r.src), allow_nonfinite=allow_nonfinite,
+                                         allow_dtype=allow_dtype))
+    if x.shape != r.flax_shape:  # a transform bug, never a checkpoint problem
+        raise ConversionError(f"transform {r.transform.name} of {r.src!r} gave {x.shape}, "
+                              f"expected {r.flax_shape}")
+    return np.ascontiguousarray(x if dtype is None else x.astype(dtype))
 
 
 def _fetch(out: Mapping, path: Path, stacking: Stacking | None) -> np.ndarray:
@@ -304,29 +400,33 @@ def _fetch(out: Mapping, path: Path, stacking: Stacking | None) -> np.ndarray:
 
 
 def convert(reader, rules: Sequence[Rule], copies: Sequence[Copy] = (), *, dtype=None,
-            ignore: Iterable[str] = (), stacking: Stacking | None = None,
+            ignore: Iterable[str] = (), stacking: Stacking | None = None, fills: Sequence[Fill] = (),
             on_tensor: Callable[[Rule, np.ndarray], None] | None = None,
             allow_nonfinite: bool = False, allow_dtype: bool = False) -> dict:
-    """Source tensors -> nested dict of Flax params. Reads one tensor at a time, transforms it
-    and stores only the result, so peak host memory is the output plus one source tensor; with
-    `stacking`, per-layer params are written straight into pre-allocated stacked arrays (the
-    scanned layout) instead of being stacked afterwards, which would briefly hold two copies.
-    `dtype` casts each param (None keeps the source dtype, e.g. bfloat16). Each source tensor
-    passes `check_tensor` as it is read (see there for `allow_nonfinite` / `allow_dtype`)."""
+    """Source tensors -> nested dict of Flax params in host memory, one tensor read at a time:
+    peak host memory is the output plus one source tensor, per-layer params going straight
+    into pre-allocated stacks with `stacking` (the scanned layout). `dtype` casts each param
+    (None keeps the source dtype, e.g. bfloat16). Each source tensor passes `check_tensor`
+    as it is read. writer.py writes a checkpoint without holding the output."""
     check(reader, rules, ignore, allow_dtype=allow_dtype)
+    tree, steps = plan(reader, rules, copies, fills, dtype=dtype, stacking=stacking)
+    leaves = flat_paths(tree)
     out: dict = {}
-    for r in rules:
-        x = r.transform.forward(check_tensor(reader, r.src, reader.get(r.src), allow_nonfinite=allow_nonfinite,
-                                             allow_dtype=allow_dtype))
-        if x.shape != r.flax_shape:  # a transform bug, never a checkpoint problem
-            raise ConversionError(f"transform {r.transform.name} of {r.src!r} gave {x.shape}, "
-                                  f"expected {r.flax_shape}")
-        x = np.ascontiguousarray(x if dtype is None else x.astype(dtype))
-        if on_tensor is not None:
-            on_tensor(r, x)
-        _put(out, r.dst, x, stacking)
-    for c in copies:
-        _put(out, c.dst, np.array(_fetch(out, c.from_dst, stacking)), stacking)
+    for step in steps:
+        x = produce(reader, step.source, dtype=dtype, allow_nonfinite=allow_nonfinite, allow_dtype=allow_dtype)
+        if on_tensor is not None and isinstance(step.source, Rule):
+            on_tensor(step.source, x)
+        for n, (path, slot) in enumerate(step.targets):
+            if slot is None:
+                _set(out, path, x if n == 0 else x.copy())
+                continue
+            try:
+                buf = _get(out, path)
+            except KeyError:  # first layer seen: allocate the whole stack once
+                leaf = leaves[path]
+                buf = np.empty(leaf.shape, leaf.dtype or x.dtype)
+                _set(out, path, buf)
+            buf[slot] = x
     return out
 
 

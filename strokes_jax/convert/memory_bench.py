@@ -1,23 +1,24 @@
 """Peak host memory of `convert bagel` on a synthetic BAGEL-named checkpoint, as JSON.
 
-The converter reads one tensor at a time and writes the scanned layout into pre-allocated
-stacks, so its peak should be about one copy of the output plus one tensor, not the source
-plus the output. This measures it at a size where that difference is visible, without the
-real 14B checkpoint:
+The converter streams: it reads one tensor at a time, transforms it and writes it into its
+place in the Orbax checkpoint (convert/writer.py), so its peak should stay well below the
+output's size rather than hold the output (and, as Orbax's save used to, a second copy of it).
+This measures it at a size where the difference is visible, without the real 14B checkpoint:
 
   python -m strokes_jax bench-convert --width 1024 --depth 16 --mlp 4096 \\
       --vocab 32768 --out results/convert_memory_cpu.json
 
 The checkpoint is written in bfloat16 with the real key names (the key map's inverse: every
-rule's source name and shape), then converted to float32 in a fresh process whose peak
-anonymous memory (RssAnon, sampled every 20 ms; getrusage's peak would include the parent's, inherited through
-fork + exec) is compared with its value after imports. The safetensors file is mmapped, so
-its pages show up as RssFile (reported separately), which the kernel can drop.
+rule's source name and shape), then converted to float32 in a fresh process whose memory is
+sampled every 20 ms from /proc (getrusage's peak would include the parent's, inherited through
+fork + exec) and compared with its value after imports: RssAnon (the process's own memory)
+and RSS = RssAnon + RssFile. The safetensors file is mmapped, so the pages read show up as
+RssFile, which the kernel can drop; they are part of RSS, bounded by the source's size (half
+the float32 output).
 
-The key-map stage should peak at about one output plus the tensor in flight; Orbax's save
-then holds a second copy (the params are handed to it as zero-copy CPU jax arrays, so not a
-third), so the whole command peaks at about twice the output: for a 14B checkpoint about
-115 GB of host memory in float32, about 57 GB with `--dtype keep` (bfloat16).
+`peak_rss_growth_over_output` and `anon_growth_over_output` are the figures to read: at or
+below 1 the conversion never holds more than the output (the in-memory path plus Orbax's save
+needed about 2x: ~115 GB for BAGEL-7B-MoT in float32).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def _status_mb() -> dict[str, float]:
             k, _, v = line.partition(":")
             if k in ("RssAnon", "RssFile"):
                 out[k] = int(v.split()[0]) / 1024.0
+    out["Rss"] = out["RssAnon"] + out["RssFile"]  # summed from one read, so their peaks line up
     return out
 
 
@@ -105,11 +107,30 @@ def _convert_child(args, q):
     base_status = _status_mb()
     sampler = _Sampler()
     t0 = time.time()
-    convert_bagel(args["ema"], args["ae"], args["out"], cfg, ae_cfg, dtype=np.float32)
+    convert_bagel(args["ema"], args["ae"], args["out"], cfg, ae_cfg, dtype=np.float32, progress=None)
     seconds = time.time() - t0
     peak = sampler.stop()
     q.put({"anon_after_imports_mb": base_status["RssAnon"], "peak_anon_mb": peak["RssAnon"],
-           "peak_file_mapped_mb": peak["RssFile"], "convert_seconds": seconds})
+           "rss_after_imports_mb": base_status["RssAnon"] + base_status["RssFile"],
+           "peak_rss_mb": peak["Rss"], "peak_file_mapped_mb": peak["RssFile"], "convert_seconds": seconds})
+
+
+def _result(p, q) -> dict:
+    """The child's result; a child that dies without one (killed, or an error before it could
+    report) is an error here rather than a wait forever."""
+    import queue
+    while True:
+        alive = p.is_alive()
+        try:
+            res = q.get(timeout=1.0 if alive else 5.0)  # once it has exited, a last look
+            break
+        except queue.Empty:
+            if not alive:
+                raise RuntimeError(f"conversion process exited with {p.exitcode} before reporting") from None
+    p.join()
+    if p.exitcode:
+        raise RuntimeError(f"conversion process exited with {p.exitcode}")
+    return res
 
 
 def run(width: int, depth: int, mlp: int, vocab: int, heads: int) -> dict:
@@ -125,17 +146,16 @@ def run(width: int, depth: int, mlp: int, vocab: int, heads: int) -> dict:
             shape=(width, depth, mlp, vocab, heads), ema=ema, ae=ae,
             out=os.path.join(d, "out")), q))
         p.start()
-        res = q.get()
-        p.join()
-        if p.exitcode:
-            raise RuntimeError(f"conversion process exited with {p.exitcode}")
+        res = _result(p, q)
     counts = param_counts(cfg, ae_cfg)
     out_mb = src_mb * 2  # bfloat16 source -> float32 params
     anon = res["peak_anon_mb"] - res["anon_after_imports_mb"]
+    rss = res["peak_rss_mb"] - res["rss_after_imports_mb"]
     return {"bench": "convert_memory", "commit": provenance.git_commit(),
             "device": provenance.device_info(),
             "config": dict(width=width, depth=depth, mlp=mlp, vocab=vocab, heads=heads),
             "params": counts, "source_mb_bf16": src_mb, "output_mb_f32": out_mb, **res,
+            "conversion_rss_growth_mb": rss, "peak_rss_growth_over_output": rss / out_mb,
             "conversion_anon_growth_mb": anon, "anon_growth_over_output": anon / out_mb,
             "anon_growth_over_source_plus_output": anon / (src_mb + out_mb)}
 

@@ -116,6 +116,11 @@ class UnifiedModel(nn.Module):
         vit_pos int [B, L] (row * max_side + col) for VIT tokens, each image one block.
         Returns logits [B, L, V] and velocities [B, L, patch_dim].
 
+        Text only: latents=None and timesteps=None skip the latent path (vae2llm, the time
+        embedding, the 2-D position table, llm2vae), so a decoder whose width the table
+        cannot take (not divisible by 4) still runs, e.g. a converted plain Qwen2; every
+        token goes to the understanding expert and the velocities returned are None.
+
         Decode mode (model/cache.py): with `cache` = {"k", "v": [depth, B, C, KV, D],
         "lengths": int [B]}, the L inputs are new tokens run against the cached prefix and
         segment_ids only marks which of them are real (> 0). Also returns their (k, v), each
@@ -129,23 +134,11 @@ class UnifiedModel(nn.Module):
         embed = param_with_axes(self, "embed", nn.initializers.normal(0.02),
                                 (c.vocab_size, d.width), ("vocab", "embed"))
         text = jnp.take(embed, tokens, axis=0).astype(dt)
-        table = jnp.asarray(sincos_2d(*c.latent_grid, d.width))
-        lat = DenseGeneral((d.width,), ("patch", "embed"), use_bias=True, dtype=dt,
-                           name="vae2llm")(latents)
-        temb = TimestepEmbedder(d.width, dtype=dt, name="time_embedder")(timesteps * c.time_scale)
-        lat = lat + temb
-        temb = temb if d.time_adaln else None
-        lat = lat + jnp.take(table, patch_pos, axis=0).astype(dt)
-        if c.canvas_skip:
-            if canvas is None:
-                if cache is not None:
-                    raise ValueError("decode mode with model.canvas_skip needs `canvas`")
-                canvas = previous_canvas(types, patch_pos, segment_ids, latents)
-            canvas = jnp.where((types == NOISY)[..., None], canvas, 0.0).astype(jnp.float32)
-            lat = lat + DenseGeneral((d.width,), ("patch", "embed"), use_bias=False, dtype=dt,
-                                     name="canvas2llm")(canvas)
-        is_gen = (types == NOISY) | (types == CLEAN)
-        x = jnp.where(is_gen[..., None], lat, text)
+        if latents is None:
+            is_gen, temb, x = jnp.zeros(types.shape, bool), None, text
+        else:
+            x, is_gen, temb = self._with_latents(text, types, segment_ids, patch_pos, latents, timesteps,
+                                                 cache, canvas)
         if c.vision is not None and vit_patches is not None:
             is_vit = types == VIT
             vit = VisionTower(c.vision, d.width, dt, name="vision")(
@@ -160,14 +153,42 @@ class UnifiedModel(nn.Module):
             mask = attention.decode_mask(segment_ids > 0, blocks, types, cache["lengths"],
                                          cache["k"].shape[2])
             h, new_kv = decoder(x, is_gen, positions, mask, (cache["k"], cache["v"]), temb)
-        logits = DenseGeneral((c.vocab_size,), ("embed", "vocab"), dtype=dt, name="lm_head")(h)
-        vel = DenseGeneral((c.patch_dim,), ("embed", "patch"), use_bias=True, dtype=dt,
-                           kernel_init=nn.initializers.zeros, name="llm2vae")(h)
-        if c.prediction == "x":
-            if c.canvas_skip:
-                vel = vel + canvas.astype(vel.dtype)
-            t = jnp.maximum(timesteps, c.x_min_t)[..., None].astype(vel.dtype)
-            vel = (latents.astype(vel.dtype) - vel) / t
+        logits = DenseGeneral((c.vocab_size,), ("embed", "vocab"), dtype=dt, name="lm_head")(h).astype(jnp.float32)
+        vel = None
+        if latents is not None:
+            vel = DenseGeneral((c.patch_dim,), ("embed", "patch"), use_bias=True, dtype=dt,
+                               kernel_init=nn.initializers.zeros, name="llm2vae")(h)
+            if c.prediction == "x":
+                if c.canvas_skip:
+                    canvas = self._canvas(types, patch_pos, segment_ids, latents, cache, canvas)
+                    vel = vel + canvas.astype(vel.dtype)
+                t = jnp.maximum(timesteps, c.x_min_t)[..., None].astype(vel.dtype)
+                vel = (latents.astype(vel.dtype) - vel) / t
+            vel = vel.astype(jnp.float32)
         if cache is None:
-            return logits.astype(jnp.float32), vel.astype(jnp.float32)
-        return logits.astype(jnp.float32), vel.astype(jnp.float32), new_kv
+            return logits, vel
+        return logits, vel, new_kv
+
+    def _canvas(self, types, patch_pos, segment_ids, latents, cache, canvas):
+        if canvas is None:
+            if cache is not None:
+                raise ValueError("decode mode with model.canvas_skip needs `canvas`")
+            canvas = previous_canvas(types, patch_pos, segment_ids, latents)
+        return jnp.where((types == NOISY)[..., None], canvas, 0.0).astype(jnp.float32)
+
+    def _with_latents(self, text, types, segment_ids, patch_pos, latents, timesteps, cache, canvas):
+        """(decoder input, is_gen, adaLN time embedding or None): latent tokens get vae2llm(x_t)
+        + time embedding + 2-D position (+ the canvas patch), text tokens their embedding."""
+        c, d = self.cfg, self.cfg.decoder
+        dt = d.jdtype
+        table = jnp.asarray(sincos_2d(*c.latent_grid, d.width))
+        lat = DenseGeneral((d.width,), ("patch", "embed"), use_bias=True, dtype=dt,
+                           name="vae2llm")(latents)
+        temb = TimestepEmbedder(d.width, dtype=dt, name="time_embedder")(timesteps * c.time_scale)
+        lat = lat + temb
+        lat = lat + jnp.take(table, patch_pos, axis=0).astype(dt)
+        if c.canvas_skip:
+            lat = lat + DenseGeneral((d.width,), ("patch", "embed"), use_bias=False, dtype=dt, name="canvas2llm")(
+                self._canvas(types, patch_pos, segment_ids, latents, cache, canvas))
+        is_gen = (types == NOISY) | (types == CLEAN)
+        return jnp.where(is_gen[..., None], lat, text), is_gen, temb if d.time_adaln else None
