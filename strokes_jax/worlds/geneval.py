@@ -15,6 +15,11 @@ from typing import Mapping, Sequence
 import numpy as np
 
 POSITION_THRESHOLD = 0.1
+# evaluate_images.py's defaults for a real detector's output (its --options threshold,
+# counting_threshold, max_objects); max_overlap defaults to 1.0 there, i.e. no extra NMS.
+THRESHOLD = 0.3
+COUNTING_THRESHOLD = 0.9
+MAX_OBJECTS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +61,23 @@ def group_by_class(dets: Sequence[Detection]) -> dict[str, list[Detection]]:
     for d in sorted(dets, key=lambda d: -d.score):
         out.setdefault(d.cls, []).append(d)
     return out
+
+
+def filter_detections(dets: Sequence[Detection], tag: str, threshold: float = THRESHOLD,
+                      counting_threshold: float = COUNTING_THRESHOLD,
+                      max_objects: int = MAX_OBJECTS) -> dict[str, list[Detection]]:
+    """evaluate_images.py's filter of a detector's output: per class, the detections with
+    confidence strictly above the threshold (the stricter counting one for counting prompts,
+    where one spurious low-confidence box breaks the exact count), highest first, at most
+    max_objects. Ties keep input order; the official argsort leaves their order unspecified."""
+    cut = counting_threshold if tag == "counting" else threshold
+    out = group_by_class([d for d in dets if d.score > cut])
+    return {cls: found[:max_objects] for cls, found in out.items()}
+
+
+def evaluate_filtered(dets: Sequence[Detection], metadata: Mapping, **filter_kw) -> tuple[bool, str]:
+    """GenEval's verdict on a real detector's raw output: the official filter, then the rules."""
+    return evaluate(filter_detections(dets, metadata["tag"], **filter_kw), metadata)
 
 
 def evaluate(objects: Mapping[str, Sequence[Detection]], metadata: Mapping) -> tuple[bool, str]:
