@@ -35,10 +35,18 @@ CONFIG_COMMANDS = {
     "bench": "time training steps of --config on synthetic batches; JSON into --workdir",
 }
 OWN_OPTIONS = {
-    "convert": "BAGEL-7B-MoT safetensors -> Orbax params, or parameter counts (convert --help)",
+    "convert": "BAGEL-7B-MoT, Qwen2, FLUX AE or SigLIP safetensors -> Orbax params, or parameter counts "
+               "(convert --help)",
     "bench-generate": "time cached vs uncached generation on a shapes model; JSON",
     "bench-convert": "peak host memory of `convert bagel` on a synthetic checkpoint; JSON",
+    "checkpoints": "verify every checkpoint step of --workdir against its checksums (checkpoints --help)",
     "sweep": "run a config's declared sweep (resumable) or gather its results table (sweep --help)",
+    "pod": "TPU pod slices through gcloud: create, run a job on every worker, follow, reattach, delete "
+           "(pod --help)",
+    "geneval": "GenEval: paint the official prompts into its folder layout, score shapes, print the official "
+               "summary (geneval --help)",
+    "wise": "WISE: paint its prompts both ways, judge through an OpenAI-compatible endpoint, three scorings "
+            "(wise --help)",
 }
 COMMANDS = tuple(CONFIG_COMMANDS) + tuple(OWN_OPTIONS)
 EXIT_PREEMPTED = exits.PREEMPTED  # distinct from 0 / 1 / 2, so a retry loop can tell
@@ -260,9 +268,18 @@ def run(argv=None):
     if cmd == "bench-generate":
         from strokes_jax.inference import bench as generate_bench
         sys.exit(generate_bench.main(rest, prog=prog))
+    if cmd == "checkpoints":
+        from strokes_jax.train import checkpoint
+        sys.exit(checkpoint.main(rest, prog=prog))
     if cmd == "sweep":
         from strokes_jax import sweeps
         sys.exit(sweeps.main(rest, prog=prog))
+    if cmd == "pod":
+        from strokes_jax.launch import cli as pod_cli
+        sys.exit(pod_cli.main(rest, prog=prog))
+    if cmd in ("geneval", "wise"):
+        from strokes_jax.benchmarks import cli as benchmarks_cli
+        sys.exit(benchmarks_cli.main(cmd, rest, prog=prog, prepare=_import_native_quietly))
     if cmd == "bench-convert":
         from strokes_jax.convert import memory_bench
         sys.exit(memory_bench.main(rest, prog=prog))
@@ -287,11 +304,12 @@ def run(argv=None):
     from strokes_jax.configs import schema
     from strokes_jax.train import run_info
     from strokes_jax.evaluate.generate import PromptError
+    from strokes_jax.train.checkpoint import CheckpointError
     from strokes_jax.episodes.jsonl import DataError
     try:
         main([argv[0], cmd])
     except (run_info.ConfigMismatch, schema.ConfigKeyError, FileNotFoundError,
-            NotImplementedError, PromptError, DataError) as e:
+            NotImplementedError, PromptError, DataError, CheckpointError) as e:
         if FLAGS.verbose:
             raise
         _fail(e)

@@ -352,7 +352,7 @@ def train(config, workdir: str, sources=None, devices=None,
     run_info.write(workdir, config, s.mesh.devices.shape)
     skips = pipeline.SkipCounter(max_skip_fraction=config.data.max_skip_fraction)
     it = train_iterator(config, s.etok, train_src, skips)
-    restored = ckpt.restore_latest(mgr, s.state, s.shardings, it)
+    restored = ckpt.restore_latest(mgr, s.state, s.shardings, it, set_aside=True)
     start = 0
     if restored is not None:
         start, s.state = restored
@@ -393,11 +393,13 @@ def train(config, workdir: str, sources=None, devices=None,
                 elapsed, n = time.time() - t_window, len(history)
                 history, t_window = [], time.time()
                 if not (np.isfinite(m["loss"]) and np.isfinite(m["param_norm"])):
-                    mgr.wait_until_finished()
+                    ckpt.confirm(mgr)
+                    good = ckpt.verified_steps(mgr)
                     raise FloatingPointError(
                         f"non-finite loss {m['loss']} or parameters (norm {m['param_norm']}) "
-                        f"by step {step}; the newest checkpoint (step {mgr.latest_step()}) "
-                        f"is the last good one")
+                        f"by step {step}; " + (f"the newest verified checkpoint (step {good[-1]}) "
+                                               "is the last good one" if good else
+                                               "no checkpoint was saved before it"))
                 tflops = step_flops.model * n / elapsed / jax.device_count() / 1e12
                 m.update(tflops_per_device=tflops, steps_per_s=n / elapsed)
                 if peak:
@@ -420,7 +422,7 @@ def train(config, workdir: str, sources=None, devices=None,
             if stop:
                 logging.warning("preemption: saved step %d, stopping", step)
                 break
-    mgr.wait_until_finished()
+    ckpt.confirm(mgr)
     writer.flush()
     if jax.process_count() > 1:  # each process counted its own rows of the global batch
         from jax.experimental import multihost_utils
