@@ -8,7 +8,6 @@ the run with an error and leaves the last good checkpoint as the newest one.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -21,6 +20,7 @@ import flax.linen as nn
 import tensorflow_datasets as tfds
 from clu import metric_writers, periodic_actions
 
+from strokes_jax import files
 from strokes_jax.sequence import tokenizer as tk
 from strokes_jax.configs import schema
 from strokes_jax.data import pipeline, shapes_builder
@@ -335,7 +335,7 @@ def train(config, workdir: str, sources=None, devices=None,
     `hook_seconds`. Resuming under a config that differs from the workdir's run_info.json
     (beyond how long to train and how often to log, save and evaluate) is refused, naming the
     keys, unless `allow_config_change`."""
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     train_src, eval_src = sources if sources is not None else prepare_data(config, workdir)
     train_src = with_extra_sources(config, train_src)
     s = setup(config, devices)
@@ -443,11 +443,7 @@ RECORD = "train_record.json"
 def training_record(workdir: str) -> dict | None:
     """The workdir's training so far, over every resumed run: params, first start step, end
     step, seconds, losses by step, episodes seen (None before any training)."""
-    path = os.path.join(workdir, RECORD)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return files.read_json(os.path.join(workdir, RECORD))
 
 
 def update_record(workdir: str, summary: dict, **extra) -> dict:
@@ -469,10 +465,7 @@ def update_record(workdir: str, summary: dict, **extra) -> dict:
     for k, v in extra.items():
         rec[k] = {**rec.get(k, {}), **v} if isinstance(v, dict) else v
     if jax.process_index() == 0:
-        tmp = os.path.join(workdir, RECORD + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(rec, f, indent=1, default=float)
-        os.replace(tmp, os.path.join(workdir, RECORD))
+        files.write_json(os.path.join(workdir, RECORD), rec, default=float)
     return rec
 
 

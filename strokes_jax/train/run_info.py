@@ -16,7 +16,7 @@ import platform
 
 import jax
 
-from strokes_jax import provenance
+from strokes_jax import files, provenance
 
 FILE = "run_info.json"
 # Keys that may change when a run is resumed.
@@ -59,11 +59,7 @@ def versions() -> dict:
 
 
 def read(workdir: str) -> dict | None:
-    path = os.path.join(workdir, FILE)
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return files.read_json(os.path.join(workdir, FILE))
 
 
 def write(workdir: str, config, mesh_shape=None) -> dict:
@@ -71,11 +67,7 @@ def write(workdir: str, config, mesh_shape=None) -> dict:
             "versions": versions(), "device": provenance.device_info(),
             "mesh_shape": list(mesh_shape) if mesh_shape is not None else None}
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        tmp = os.path.join(workdir, FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(info, f, indent=1)
-        os.replace(tmp, os.path.join(workdir, FILE))
+        files.write_json(os.path.join(workdir, FILE), info)
     return info
 
 
