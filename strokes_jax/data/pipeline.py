@@ -47,8 +47,54 @@ class Skip:
     of the episode so that counting happens at a single deterministic point."""
 
     index: int
-    reason: str  # corrupt | invalid | unknown_token | too_long
+    reason: str  # unreadable | corrupt | invalid | unknown_token | too_long
     message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Unreadable:
+    """What SafeSource returns for a record the storage layer could not read."""
+
+    where: str  # the shard file and the record's index in it
+    message: str
+
+
+def record_location(source: Any, index: int) -> str:
+    """'<shard file> record <n>' for an ArrayRecord source (TFDS or array_record), else
+    'record #<index>'. Reads the array_record source's read instructions, which name the
+    file behind each global index."""
+    ds = getattr(source, "data_source", source)
+    try:
+        reader, position = ds._reader_idx_and_position(index)
+        ins = ds._read_instructions[reader]
+        return f"{ins.filename} record {ins.start + position}"
+    except Exception:  # another kind of source: its index is all there is
+        return f"record #{index}"
+
+
+class SafeSource:
+    """Random access over `source` in which a record that cannot be read (a storage hash
+    mismatch, a truncated shard) becomes an Unreadable marker naming the shard and the
+    record, so the packer counts it as a skip instead of the run crashing mid-way."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int):
+        try:
+            item = self.source[index]
+        except Exception as e:  # array_record/riegeli raise plain RuntimeError/ValueError
+            return Unreadable(record_location(self.source, index),
+                              f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        # A shard that does not open (truncated: its footer is gone) yields None records
+        # through TFDS rather than an error.
+        if item is None or (isinstance(item, dict) and item.get("record", b"") is None):
+            return Unreadable(record_location(self.source, index),
+                              "no data (a truncated or unreadable shard)")
+        return item
 
 
 def record_bytes(item: Any) -> bytes:
@@ -71,10 +117,14 @@ class ReadEpisode:
     plain class rather than a closure so that it pickles into mp_prefetch workers."""
 
     def __call__(self, index: int, item: Any):
+        if isinstance(item, Unreadable):
+            return Skip(index, "unreadable", f"{item.where}: {item.message}")
         try:
             return index, decode_item(item, record=f"#{index}")
         except ep.EpisodeError as e:
             return Skip(index, "corrupt", str(e))
+        except Exception as e:  # a malformed header field that the format checks missed
+            return Skip(index, "corrupt", f"record #{index}: {type(e).__name__}: {e}")
 
 
 DROPOUT_KEYS = ("text", "vae", "vit")
@@ -345,11 +395,11 @@ def _per_process(global_batch_size: int, process_count: int) -> int:
 
 def _mixed(source) -> grain.MapDataset:
     if isinstance(source, list) and source and isinstance(source[0], tuple):
-        parts = [(grain.MapDataset.source(s), float(w)) for s, w in source if len(s)]
+        parts = [(grain.MapDataset.source(SafeSource(s)), float(w)) for s, w in source if len(s)]
         if not parts:
             raise ValueError("every source of the mixture is empty")
         return grain.MapDataset.mix([p for p, _ in parts], [w for _, w in parts])
-    return grain.MapDataset.source(source)
+    return grain.MapDataset.source(SafeSource(source))
 
 
 def make_dataset(source: Sequence[Any], tokenizer: tk.EpisodeTokenizer, *, seq_len: int,

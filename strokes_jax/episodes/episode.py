@@ -125,6 +125,8 @@ class Episode:
                 raise EpisodeError(f"{at}: <refine> without an inspection")
             for name in ("ins", "des", "inspect", "refine"):
                 text = getattr(s, name)
+                if text is not None and not isinstance(text, str):
+                    raise EpisodeError(f"{at}: {name} is {type(text).__name__}, not text")
                 if text is not None and (not text.strip() or _TAG_RE.search(text)):
                     raise EpisodeError(f"{at}: {name} text {text!r} is empty or contains a tag")
         if _TAG_RE.search(self.prompt):

@@ -406,10 +406,17 @@ def train(config, workdir: str, sources=None, devices=None,
                     m["mfu"] = tflops / peak
                 losses.append((step, float(m["loss"])))
                 writer.write_scalars(step, {f"train/{k}": v for k, v in m.items()})
+                # Skipped records so far (the packer counts them), next to the losses.
+                writer.write_scalars(step, {"data/records_seen": skips.seen,
+                                            "data/records_skipped": skips.skipped,
+                                            **{f"data/skipped_{r}": n
+                                               for r, n in skips.by_reason.items()}})
                 if logging_step:
                     print(f"step {step}/{tc.steps} loss {m['loss']:.4f} ce {m['ce']:.4f} "
                           f"mse {m['mse']:.4f} text_acc {m['text_accuracy']:.3f} "
-                          f"{tflops * 1e3:.1f} GFLOP/s/device ({time.time() - t0:.0f}s)", flush=True)
+                          f"{tflops * 1e3:.1f} GFLOP/s/device ({time.time() - t0:.0f}s)"
+                          + (f" skipped {skips.skipped}/{skips.seen} records" if skips.skipped
+                             else ""), flush=True)
             if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 writer.write_scalars(step, evaluate_loss(s, eval_step, eval_src, config))
                 if not stop:  # a preemption notice: save first, run no hook
