@@ -305,11 +305,12 @@ def run(argv=None):
     from strokes_jax.train import run_info
     from strokes_jax.evaluate.generate import PromptError
     from strokes_jax.train.checkpoint import CheckpointError
+    from strokes_jax.train.init_weights import WeightsMismatch
     from strokes_jax.episodes.jsonl import DataError
     try:
         main([argv[0], cmd])
     except (run_info.ConfigMismatch, schema.ConfigKeyError, FileNotFoundError,
-            NotImplementedError, PromptError, DataError, CheckpointError) as e:
+            NotImplementedError, PromptError, DataError, CheckpointError, WeightsMismatch) as e:
         if FLAGS.verbose:
             raise
         _fail(e)

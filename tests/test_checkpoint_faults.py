@@ -12,7 +12,7 @@ import pytest
 
 from strokes_jax.configs import shapes_tiny
 from strokes_jax.train import checkpoint as ckpt
-from strokes_jax.train import checksums, loop
+from strokes_jax.train import checksums, init_weights, loop
 
 pytestmark = pytest.mark.slow
 
@@ -128,3 +128,11 @@ def test_every_step_damaged_stops_with_one_line_naming_them(six_steps, sources, 
     _, summary = loop.train(_config(8), w, sources)  # the user's call: resume from step 4
     assert summary["start_step"] == 4
     assert os.path.isdir(os.path.join(w, ckpt.REJECTED, "6"))
+
+
+def test_restoring_under_other_shapes_names_the_parameters(six_steps):
+    c = _config(8)
+    c.model.width = 64
+    with pytest.raises(init_weights.WeightsMismatch, match=r"checkpoint step 6 .* mis-shaped \d+: "
+                                                          r".*\(32,\) \(model \(64,\)\)"):
+        loop.restore_for_eval(c, six_steps, allow_config_change=True)

@@ -12,6 +12,7 @@ so that the run can save those step numbers again.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -20,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from strokes_jax.train import checksums
+from strokes_jax.train import checksums, init_weights
 
 REJECTED = "checkpoints_rejected"
 
@@ -78,7 +79,26 @@ def abstract_like(state, shardings):
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
+def check_shapes(mgr, step: int, state) -> None:
+    """Compares the step's saved parameters with the state's before Orbax reads anything:
+    restoring under a config with other shapes (a changed width) is one error naming the
+    parameters, not a tensorstore traceback."""
+    quiet = logging.getLogger("absl")  # Orbax warns that the item has no step metadata
+    level, quiet.level = quiet.level, logging.ERROR
+    try:
+        meta = ocp.StandardCheckpointer().metadata(os.path.join(step_dir(mgr, step), "state"))
+        tree = getattr(meta.item_metadata, "tree", meta.item_metadata)
+        saved = tree["params"]
+    except Exception:  # unreadable metadata: the restore itself reports it
+        return
+    finally:
+        quiet.level = level
+    init_weights.compare(init_weights._flat(saved), init_weights._flat(state.params),
+                         f"checkpoint step {step} in {mgr.directory}")
+
+
 def _restore(mgr, step, state, shardings, data_iter):
+    check_shapes(mgr, step, state)
     args = {"state": ocp.args.StandardRestore(abstract_like(state, shardings))}
     if data_iter is not None:
         if not (epath.Path(step_dir(mgr, step)) / "data").is_dir():
@@ -127,6 +147,8 @@ def restore_latest(mgr: ocp.CheckpointManager, state, shardings, data_iter=None,
         if reason is None:
             try:
                 restored = _restore(mgr, s, state, shardings, data_iter)
+            except init_weights.WeightsMismatch:  # the config's fault, not the step's
+                raise
             except Exception as e:  # a verified step that still does not restore
                 reason = _one_line(e)
         if reason is not None:
