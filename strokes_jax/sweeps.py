@@ -456,12 +456,8 @@ def main(argv=None, prog: str = "python -m strokes_jax sweep") -> int:
     p_res.add_argument("--workdir", required=True)
     p_res.add_argument("--sort-by", default="process.overall", help="a column: MODE.SCORE, final_loss, ...")
     args, extra = parser.parse_known_args(argv)
-    overrides = {}
-    for a in extra:
-        key, eq, value = a.partition("=")
-        if args.action != "run" or not key.startswith("--config.") or not eq:
-            parser.error(f"unrecognized argument {a!r} (sweep-wide overrides: --config.KEY=VALUE)")
-        overrides[key[len("--config."):]] = value
+    overrides = configs.overrides(extra, args.action == "run", parser.error,
+                                  " (sweep-wide overrides: --config.KEY=VALUE)")
     try:
         if args.action == "run":
             return run(args.config, args.workdir, args.command, args.dry_run, overrides)

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 
-from strokes_jax import exits
+from strokes_jax import configs, exits
 from strokes_jax.benchmarks import geneval, geneval_official, wise
 from strokes_jax.benchmarks.store import BenchmarkError
 
@@ -82,13 +82,7 @@ def _parser(cmd: str, prog: str) -> argparse.ArgumentParser:
 
 
 def _overrides(parser, args, extra: list[str]) -> dict:
-    out = {}
-    for a in extra:
-        key, eq, value = a.partition("=")
-        if args.action != "generate" or not key.startswith("--config.") or not eq:
-            parser.error(f"unrecognized argument {a!r}")
-        out[key[len("--config."):]] = value
-    return out
+    return configs.overrides(extra, args.action == "generate", parser.error)
 
 
 def _restore(args, overrides: dict, prepare):

@@ -45,3 +45,16 @@ def load(spec: str):
     mod = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(mod)
     return schema.check(mod.get_config(arg or None))
+
+
+def overrides(extra, allowed: bool, error, hint: str = "") -> dict[str, str]:
+    """`--config.KEY=VALUE` arguments (what argparse left over) -> {KEY: VALUE}. Anything
+    else, or any override where the command takes none (`allowed` false), goes to `error`
+    (argparse's parser.error) naming the argument."""
+    out = {}
+    for a in extra:
+        key, eq, value = a.partition("=")
+        if not allowed or not key.startswith("--config.") or not eq:
+            error(f"unrecognized argument {a!r}{hint}")
+        out[key[len("--config."):]] = value
+    return out

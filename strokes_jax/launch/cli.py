@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from strokes_jax import exits, sweeps
+from strokes_jax import configs, exits, sweeps
 from strokes_jax.launch import gcloud, jobs, spec, sweep_jobs, worker
 from strokes_jax.launch.gcloud import GcloudError
 from strokes_jax.launch.jobs import Context, JobError
@@ -131,12 +131,7 @@ def main(argv=None, prog: str = "python -m strokes_jax pod") -> int:
     head, tail = argv[:cut], argv[cut + 1:]
     parser = _parser(prog)
     args, extra = parser.parse_known_args(head)
-    overrides = {}
-    for a in extra:
-        key, eq, value = a.partition("=")
-        if args.action != "sweep" or not key.startswith("--config.") or not eq:
-            parser.error(f"unrecognized argument {a!r}")
-        overrides[key[len("--config."):]] = value
+    overrides = configs.overrides(extra, args.action == "sweep", parser.error)
     if tail and args.action not in ("run", "ssh"):
         parser.error(f"`--` and what follows belong to `pod run` and `pod ssh`, not `pod {args.action}`")
     if args.retries < 0 or args.backoff < 0 or getattr(args, "poll", 0) < 0:
