@@ -12,6 +12,8 @@ so that the run can save those step numbers again.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import sys
@@ -21,6 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from strokes_jax import files
 from strokes_jax.train import checksums, init_weights
 
 REJECTED = "checkpoints_rejected"
@@ -57,8 +60,14 @@ def confirm(mgr: ocp.CheckpointManager) -> None:
     has = [(epath.Path(step_dir(mgr, k)) / checksums.MANIFEST).exists() for k in steps]
     # A step older than a confirmed one that lacks a manifest is not this run's: left alone.
     first = max([i + 1 for i, h in enumerate(has) if h], default=0)
+    # Each step carries the resolved config it was trained under (the workdir's run_info.json
+    # can be replaced by a later run with --allow_config_change) and its fingerprint.
+    info = files.read_json(os.path.join(os.path.dirname(str(mgr.directory)), "run_info.json"))
+    config = (info or {}).get("config")
+    print_ = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest() if config else None
     for step in steps[first:]:
-        checksums.write(step_dir(mgr, step), step=int(step))
+        checksums.write(step_dir(mgr, step), step=int(step), config=config,
+                        config_sha256=print_)
 
 
 def verified_steps(mgr: ocp.CheckpointManager) -> list[int]:
