@@ -25,6 +25,7 @@ import dataclasses
 import difflib
 import hashlib
 import importlib.util
+import io
 import itertools
 import json
 import os
@@ -37,7 +38,9 @@ import time
 
 import ml_collections
 
-from strokes_jax import configs, exits
+from etils import epath
+
+from strokes_jax import configs, exits, files
 from strokes_jax.configs import schema
 
 EXIT_PREEMPTED = exits.PREEMPTED
@@ -222,10 +225,11 @@ def _argv(command: str, config_spec: str, run_dir: str, overrides: dict) -> list
 
 # ---- running ---------------------------------------------------------------------------
 
+# Records go through strokes_jax.files (etils.epath), so a sweep root on gs:// works the
+# same as a local folder.
 def _read(path: str):
     try:
-        with open(path) as f:
-            return json.load(f)
+        return files.read_json(path)
     except (OSError, ValueError):
         return None
 
@@ -235,21 +239,32 @@ def finished(command: str, run_dir: str, config) -> bool:
     trained = (_read(os.path.join(run_dir, "train_record.json")) or {}).get("end_step") == config.train.steps
     if command == "train":
         return trained
-    scored = os.path.isfile(os.path.join(run_dir, "report", "results.json"))
+    scored = epath.Path(os.path.join(run_dir, "report", "results.json")).is_file()
     return scored and (trained or command == "evaluate")
 
 
 def _write(path: str, record: dict) -> None:
     record["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=1, default=repr)
-    os.replace(path + ".tmp", path)
+    files.write_json(path, record, default=repr)
 
 
 def _stream(argv: list[str], run_dir: str, on_start) -> int:
-    """Runs one point, its stdout and stderr appended to <run dir>/log.txt and echoed."""
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "log.txt"), "a") as log:
+    """Runs one point, its stdout and stderr appended to <run dir>/log.txt and echoed. A
+    bucket cannot append, so a remote run dir's log is kept here and copied there after."""
+    files.makedirs(run_dir)
+    remote = "://" in run_dir
+    local = os.path.join(os.path.expanduser("~"), ".strokes_sweeps", re.sub(r"[^\w.=,+-]", "_", run_dir),
+                         "log.txt") if remote else os.path.join(run_dir, "log.txt")
+    os.makedirs(os.path.dirname(local), exist_ok=True)
+    try:
+        return _stream_to(argv, local, on_start)
+    finally:
+        if remote:
+            epath.Path(os.path.join(run_dir, "log.txt")).write_text(open(local).read())
+
+
+def _stream_to(argv: list[str], log_path: str, on_start) -> int:
+    with open(log_path, "a") as log:
         log.write(f"$ {shlex.join(argv)}\n")
         log.flush()
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -284,7 +299,7 @@ def run(config_spec: str, workdir: str, command: str = "demo", dry_run: bool = F
                 print(f"# {p.name}: finished, would be skipped")
             print(shlex.join(_argv(command, config_spec, run_dir, flags)))
         return 0
-    os.makedirs(workdir, exist_ok=True)
+    files.makedirs(workdir)
     record = dict(config=config_spec, command=command, overrides={k: _flag(v) for k, v in base.items()},
                   points=[dict(name=p.name, overrides=p.overrides, status="pending") for p in points])
     child, stop = [], []
@@ -392,13 +407,13 @@ def results(workdir: str, sort_by: str = "process.overall", descending: bool | N
     out = {"rows": rows, "columns": ["name", "status", *keys, *metrics],
            "markdown": os.path.join(workdir, "sweep_results.md"),
            "csv": os.path.join(workdir, "sweep_results.csv"), "table": "\n".join(lines)}
-    with open(out["markdown"], "w") as f:
-        f.write(out["table"] + "\n")
-    with open(out["csv"], "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(out["columns"])
-        w.writerows([[_flag(r[c]) if isinstance(r.get(c), (tuple, list)) else r.get(c, "")
-                      for c in out["columns"]] for r in rows])
+    epath.Path(out["markdown"]).write_text(out["table"] + "\n")
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(out["columns"])
+    w.writerows([[_flag(r[c]) if isinstance(r.get(c), (tuple, list)) else r.get(c, "")
+                  for c in out["columns"]] for r in rows])
+    epath.Path(out["csv"]).write_bytes(buf.getvalue().encode())
     out["plot"], out["plot_note"] = _plot(os.path.join(workdir, "sweep_results.png"), declared, keys,
                                           sort_by)
     return out
@@ -434,8 +449,10 @@ def _plot(path: str, rows: list[dict], keys: list[str], metric: str):
     ax.set(xlabel=x_key, ylabel=metric)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120)
     plt.close(fig)
+    epath.Path(path).write_bytes(png.getvalue())
     return path, ""
 
 

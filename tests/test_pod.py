@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import time
 import pytest
 
 from strokes_jax import exits
-from strokes_jax.launch import cli, gcloud, jobs, spec, worker
+from strokes_jax.launch import cli, gcloud, host, jobs, spec, worker
 
 WHEEL = "dist/strokes_jax-0.1.0-py3-none-any.whl"
 JAX = '"jax[tpu]<0.13,>=0.7"'
@@ -184,8 +185,8 @@ def test_dry_run_commands_v5p_128(fake, capsys):
         f"gcloud compute tpus tpu-vm scp {WHEEL} exp:strokes_jax-0.1.0-py3-none-any.whl {where} --worker=all --quiet",
         f"gcloud compute tpus tpu-vm ssh exp {where} --worker=all --quiet '--command={SETUP}'",
         f"gcloud compute tpus tpu-vm ssh exp {where} --worker=all --quiet '--command={PY} -m strokes_jax pod worker "
-        f"start --job exp1 -- {PY} -m strokes_jax train --workdir gs://my-bucket/exp1 --config shapes_tiny:test "
-        f"--config.optim.lr=3e-4'",
+        f"start --job exp1 --kill-stale -- {PY} -m strokes_jax train --workdir gs://my-bucket/exp1 "
+        f"--config shapes_tiny:test --config.optim.lr=3e-4'",
         f"gcloud compute tpus tpu-vm ssh exp {where} --worker=all --quiet '--command={PY} -m strokes_jax pod worker "
         f"status --job exp1'  # every 60s until every worker has exited",
     ]
@@ -214,7 +215,8 @@ def test_dry_run_commands_v6e_32_queued(fake, capsys):
         f"gcloud compute tpus tpu-vm scp {WHEEL} tri:strokes_jax-0.1.0-py3-none-any.whl {where} --worker=all --quiet",
         f"gcloud compute tpus tpu-vm ssh tri {where} --worker=all --quiet '--command={SETUP}'",
         f"gcloud compute tpus tpu-vm ssh tri {where} --worker=all --quiet '--command={PY} -m strokes_jax pod worker "
-        f"start --job first -- {PY} -m strokes_jax train --workdir gs://my-bucket/tri --config shapes_tiny'",
+        f"start --job first --kill-stale -- {PY} -m strokes_jax train --workdir gs://my-bucket/tri "
+        f"--config shapes_tiny'",
     ]
     code, out, _ = _pod(capsys, "down", "--dry-run", *V6E)
     assert out.splitlines() == [f"gcloud compute tpus queued-resources delete tri {where} --force --quiet"]
@@ -539,6 +541,40 @@ def test_the_multi_host_start_comes_from_the_vm_metadata():
     assert worker.jax_env({}, lambda key: None) == {}  # not a TPU VM
 
 
+def test_a_new_job_kills_stale_holders_of_the_tpu(tmp_path):
+    if not shutil.which("lsof"):
+        pytest.skip("no lsof here")
+    device = tmp_path / "accel0"
+    device.write_text("")
+    lock = tmp_path / "libtpu_lockfile"
+    lock.write_text("")
+    holder = subprocess.Popen([sys.executable, "-c", f"import time; f = open({str(device)!r}); print('ok', "
+                               f"flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ok"
+        assert worker.kill_stale([str(device)], lock=str(lock)) == [holder.pid]
+        assert holder.wait(timeout=10) == -signal.SIGKILL and not lock.exists()
+        assert worker.kill_stale([str(device)], lock=str(lock)) == []  # nobody holds it now
+    finally:
+        holder.kill()
+    assert worker.kill_stale([]) == []  # not a TPU VM: nothing asked
+
+
+def test_a_reattach_kills_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    killed, started = [], []
+    monkeypatch.setattr(worker, "kill_stale", lambda: killed.append(1) or [4242])
+    monkeypatch.setattr(worker.subprocess, "Popen", lambda *a, **k: started.append(a) or type("P", (), {"pid": 1})())
+    monkeypatch.setattr(worker, "_running_jobs", lambda: ["exp1"])
+    assert worker.start("exp1", ["train"], stale=True) == 0
+    assert worker.start("exp2", ["train"], stale=True) == worker.BUSY  # another job of the launcher: kept too
+    assert killed == [] and started == []
+    monkeypatch.setattr(worker, "_running_jobs", lambda: [])
+    assert worker.start("exp1", ["train"], stale=True) == 0
+    assert killed == [1] and len(started) == 1
+    assert "killed stale holders of the TPU: pid 4242" in (tmp_path / "strokes_pod/jobs/exp1/log.txt").read_text()
+
+
 def test_judging_the_workers():
     run = {"state": "running", "rc": None}
     assert jobs.judge([{"worker": 0, **run}, {"worker": 1, "state": "exited", "rc": 0}])[0] == "running"
@@ -562,3 +598,66 @@ def test_pod_help_imports_no_jax(tmp_path):
                         "gs://my-bucket/x", "--", "--config", "shapes_tiny"], capture_output=True, text=True, env=env,
                        cwd=tmp_path)
     assert r.returncode == 0 and "worker start --job x" in r.stdout, r.stderr
+
+
+# ---- a multi-GPU machine -----------------------------------------------------------------
+
+def test_host_one_process_sees_every_gpu(fake, capsys):
+    code, out, err = _pod(capsys, "host", "--dry-run", "--workdir", "runs/exp", "--", "--config", "shapes_tiny")
+    assert code == 0, err
+    assert out.splitlines() == [f"env {sys.executable} -m strokes_jax train --workdir runs/exp --config shapes_tiny"]
+
+
+def test_host_one_process_per_gpu_pair_over_ssh(fake, capsys, tmp_path):
+    code, out, err = _pod(capsys, "host", "--dry-run", "--host", "me@gpubox", "--gpus", "4,5,6,7",
+                          "--gpus-per-process", "2", "--port", "9999", "--cd", "work", "--workdir", "runs/exp",
+                          "--", "--config", "shapes_tiny", "--config.optim.lr=0.01")
+    assert code == 0, err
+    logs = tmp_path / "hosts" / "exp"
+    assert out.splitlines() == [
+        "ssh -o BatchMode=yes me@gpubox 'cd work && exec env CUDA_VISIBLE_DEVICES=4,5 "
+        "JAX_COORDINATOR_ADDRESS=localhost:9999 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=0 python3 -m strokes_jax train "
+        "--workdir runs/exp --config shapes_tiny --config.optim.lr=0.01'",
+        "ssh -o BatchMode=yes me@gpubox 'cd work && exec env CUDA_VISIBLE_DEVICES=6,7 "
+        "JAX_COORDINATOR_ADDRESS=localhost:9999 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=1 python3 -m strokes_jax train "
+        f"--workdir runs/exp --config shapes_tiny --config.optim.lr=0.01'  # > {logs}/process-1.log",
+    ]
+    job = host.HostJob(host="local", workdir="w", gpus=host.parse_gpus("8"), gpus_per_process=1).checked()
+    assert job.processes == 8
+    assert job.env(5) == {"CUDA_VISIBLE_DEVICES": "5", "JAX_COORDINATOR_ADDRESS": "localhost:8476",
+                          "JAX_NUM_PROCESSES": "8", "JAX_PROCESS_ID": "5"}
+    assert host.HostJob(host="local", workdir="w", gpus=("0", "1")).env(0) == {"CUDA_VISIBLE_DEVICES": "0,1"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus-per-process", "2"], "error: --gpus-per-process: needs --gpus"),
+    (["--gpus", "6", "--gpus-per-process", "4"], "error: --gpus-per-process 4: does not divide the 6 GPUs"),
+    (["--gpus", "0,0"], "error: --gpus '0,0': a count"),
+    (["--host=-oProxyCommand=x"], "error: --host '-oProxyCommand=x'"),
+    (["--", "--config", "shapes_tiny", "--config.optim.lrr=1"], "error: training command: unknown config key"),
+])
+def test_host_bad_input(fake, capsys, args, message):
+    cut = args.index("--") if "--" in args else len(args)
+    code, out, err = _pod(capsys, "host", "--dry-run", "--workdir", "runs/x", *args[:cut], *args[cut:])
+    assert code == exits.BAD_INPUT and err.startswith(message), err
+
+
+def test_host_runs_the_processes_and_stops_the_rest_when_one_fails(tmp_path, monkeypatch):
+    script = tmp_path / "fake_python"
+    script.write_text("#!/bin/bash\necho \"process $JAX_PROCESS_ID of $JAX_NUM_PROCESSES on GPUs "
+                      "$CUDA_VISIBLE_DEVICES: $*\"\n"
+                      "trap 'echo saved; exit 75' TERM\n"
+                      "if [ \"$JAX_PROCESS_ID\" = \"$FAIL\" ]; then exit 1; fi\n"
+                      "for i in $(seq 50); do sleep 0.1; done\n")
+    script.chmod(0o755)
+    job = host.HostJob(host="local", workdir="w", train_args=("--config", "shapes_tiny"), gpus=("0", "1", "2", "3"),
+                       gpus_per_process=2, python=str(script))
+    monkeypatch.setenv("FAIL", "none")
+    t = time.time()
+    assert host.run(job, str(tmp_path / "logs"), poll=0.05) == exits.OK
+    log = (tmp_path / "logs/process-1.log").read_text()
+    assert log.startswith("process 1 of 2 on GPUs 2,3: -m strokes_jax train --workdir w --config shapes_tiny")
+    monkeypatch.setenv("FAIL", "1")
+    t = time.time()
+    assert host.run(job, str(tmp_path / "logs2"), poll=0.05) == exits.FAILED
+    assert time.time() - t < 4  # process 0 was stopped, not waited for

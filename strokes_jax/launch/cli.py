@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from strokes_jax import configs, exits, sweeps
-from strokes_jax.launch import gcloud, jobs, spec, sweep_jobs, worker
+from strokes_jax.launch import gcloud, host, jobs, spec, sweep_jobs, worker
 from strokes_jax.launch.gcloud import GcloudError
 from strokes_jax.launch.jobs import Context, JobError
 from strokes_jax.launch.spec import PodError, PodSpec
@@ -19,6 +20,7 @@ EXAMPLES = """examples:
   pod logs --worker 0 --follow
   pod sweep --name exp --config shapes_tiny --workdir gs://my-bucket/lr_sweep
   pod down --name exp
+  pod host --host local --gpus 8 --gpus-per-process 1 --workdir runs/exp -- --config shapes_tiny
 exit codes: 0 done, 1 failed, 2 bad input (nothing ran), 75 preempted (rerun the same command)"""
 
 # Fields of a slice that name a different slice when they differ from the recorded ones.
@@ -87,6 +89,20 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--job", help="default: the slice's newest job")
     p.add_argument("--kill", action="store_true", help="SIGKILL instead: no checkpoint")
     add("down", "delete the slice (a queued resource with --force)")
+    text = ("run `strokes_jax COMMAND` on one multi-GPU machine, this one or one reached by ssh (no gcloud): "
+            "one process for all its GPUs, or one per --gpus-per-process GPUs")
+    p = sub.add_parser("host", allow_abbrev=False, help=text, description=text)
+    p.add_argument("--host", default=host.LOCAL, help="local (default) or an ssh destination, user@machine")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--command", default="train", choices=spec.JOB_COMMANDS)
+    p.add_argument("--gpus", help="a count (8: GPUs 0..7) or indices (2,3); default: all, one process")
+    p.add_argument("--gpus-per-process", type=int, help="one process per this many GPUs (needs --gpus)")
+    p.add_argument("--port", type=int, default=8476, help="the coordinator's port on the machine")
+    p.add_argument("--python", help="the Python with strokes_jax (default: this one; python3 over ssh)")
+    p.add_argument("--cd", help="over ssh: the folder to run in (default: the login's home)")
+    p.add_argument("--logdir", help="processes 1.. log here (default: next to the state file, hosts/JOB)")
+    p.add_argument("--state", help="the state file, whose folder holds the logs by default")
+    p.add_argument("--dry-run", action="store_true", help="print every process's command, one per line")
     return parser
 
 
@@ -123,6 +139,22 @@ def _worker_arg(value: str, pod: PodSpec) -> str:
     raise PodError(f"--worker {value}: all or 0..{pod.workers - 1}")
 
 
+def _host(args, tail) -> int:
+    try:
+        job = host.HostJob(host=args.host, workdir=args.workdir, train_args=tuple(tail), command=args.command,
+                           gpus=host.parse_gpus(args.gpus), gpus_per_process=args.gpus_per_process, port=args.port,
+                           python=args.python, cd=args.cd)
+        name = spec.job_name(os.path.basename(args.workdir.rstrip("/")) or "job")
+        logdir = args.logdir or os.path.join(os.path.dirname(State(args.state, dry_run=True).path), "hosts", name)
+        return host.run(job, logdir, dry_run=args.dry_run)
+    except PodError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exits.BAD_INPUT
+    except OSError as e:  # ssh or the Python missing here
+        print(f"error: {e}", file=sys.stderr)
+        return exits.FAILED
+
+
 def main(argv=None, prog: str = "python -m strokes_jax pod") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["worker"]:  # the side that runs on the TPU VMs
@@ -132,8 +164,10 @@ def main(argv=None, prog: str = "python -m strokes_jax pod") -> int:
     parser = _parser(prog)
     args, extra = parser.parse_known_args(head)
     overrides = configs.overrides(extra, args.action == "sweep", parser.error)
-    if tail and args.action not in ("run", "ssh"):
-        parser.error(f"`--` and what follows belong to `pod run` and `pod ssh`, not `pod {args.action}`")
+    if tail and args.action not in ("run", "ssh", "host"):
+        parser.error(f"`--` and what follows belong to `pod run`, `pod host` and `pod ssh`, not `pod {args.action}`")
+    if args.action == "host":
+        return _host(args, tail)
     if args.retries < 0 or args.backoff < 0 or getattr(args, "poll", 0) < 0:
         parser.error("--retries, --backoff and --poll take numbers >= 0")
     state = State(args.state, dry_run=args.dry_run)

@@ -66,7 +66,8 @@ def worker_command(action: str, job: str, *extra: str) -> str:
 
 
 def start_command(job: str, argv: list[str]) -> str:
-    return worker_command("start", job, "--", VENV_PY, "-m", "strokes_jax", *map(shlex.quote, argv))
+    # --kill-stale: a worker where the job already runs reattaches and kills nothing.
+    return worker_command("start", job, "--kill-stale", "--", VENV_PY, "-m", "strokes_jax", *map(shlex.quote, argv))
 
 
 def jax_requirement() -> str:

@@ -18,9 +18,11 @@ preemption sync).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -152,8 +154,48 @@ def _print_status(job: str, **extra) -> None:
     print(f"{MARK} " + json.dumps({**report(job), **extra}), flush=True)
 
 
-def start(job: str, argv: list[str]) -> int:
-    """Starts `argv` detached unless this job already runs here (a rerun reattaches)."""
+# The TPU's device files: /dev/accel* on v4 and v5p, /dev/vfio/* on v5e and v6e.
+DEVICES = ("/dev/accel*", "/dev/vfio/*")
+LIBTPU_LOCK = "/tmp/libtpu_lockfile"
+
+
+def _sudo() -> list[str]:
+    # Another user's process (a job started with sudo, a notebook) is visible to lsof and
+    # killable only as root; the TPU images give the login user passwordless sudo.
+    return ["sudo", "-n"] if os.geteuid() != 0 and shutil.which("sudo") else []
+
+
+def kill_stale(devices=None, run=subprocess.run, lock: str = LIBTPU_LOCK) -> list[int]:
+    """Kills (SIGKILL) every process holding the TPU's device files, and removes libtpu's
+    lock file: a job killed without its supervisor, or one started by hand, keeps the TPU
+    and the next job's libtpu would fail with "TPU in use". Called only when no job of the
+    launcher runs here, so it never ends one. Returns the pids killed."""
+    paths = sorted(p for pattern in DEVICES for p in glob.glob(pattern)) if devices is None else list(devices)
+    if not paths:
+        return []  # not a TPU VM
+    try:
+        r = run([*_sudo(), "lsof", "-t", *paths], capture_output=True, text=True)
+    except OSError:
+        return []  # no lsof: nothing to go by
+    pids = sorted({int(t) for t in r.stdout.split() if t.isdigit()} - {os.getpid(), os.getppid()})
+    killed = []
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            if run([*_sudo(), "kill", "-9", str(pid)], capture_output=True, text=True).returncode != 0:
+                continue
+        killed.append(pid)
+    if lock and os.path.exists(lock):
+        run([*_sudo(), "rm", "-f", lock], capture_output=True, text=True)
+    return killed
+
+
+def start(job: str, argv: list[str], stale: bool = False) -> int:
+    """Starts `argv` detached unless this job already runs here (a rerun reattaches);
+    `stale`: kills whatever else holds the TPU first (`kill_stale`)."""
     busy = _running_jobs()
     if job in busy:
         _print_status(job, note="already running")
@@ -167,6 +209,10 @@ def start(job: str, argv: list[str]) -> int:
     for name in ("exit_code", "pid"):
         if os.path.exists(os.path.join(d, name)):
             os.remove(os.path.join(d, name))
+    killed = kill_stale() if stale else []
+    if killed:
+        with open(os.path.join(d, "log.txt"), "a") as log:
+            log.write(f"# killed stale holders of the TPU: pid {', '.join(map(str, killed))}\n")
     _write(os.path.join(d, "argv.json"), json.dumps(argv))
     p = subprocess.Popen([sys.executable, "-m", "strokes_jax", "pod", "worker", "supervise", "--job", job],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -257,6 +303,9 @@ def main(argv, prog: str) -> int:
             p.add_argument("--follow", action="store_true")
         if action == "stop":
             p.add_argument("--kill", action="store_true")
+        if action == "start":
+            p.add_argument("--kill-stale", action="store_true",
+                           help="kill other holders of /dev/accel* and /dev/vfio/* before starting")
     argv = list(argv)
     cut = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:cut])
@@ -264,7 +313,7 @@ def main(argv, prog: str) -> int:
     if args.action == "start":
         if not command:
             parser.error("start: the command goes after --")
-        return start(args.job, command)
+        return start(args.job, command, stale=args.kill_stale)
     if args.action == "supervise":
         return supervise(args.job)
     if args.action == "logs":
