@@ -2,8 +2,8 @@
 
 Config commands take `--workdir DIR`, `--config NAME[:ARG]` (a packaged config such as
 `shapes_repro:long`, or a path) and per-key overrides `--config.optim.lr=3e-4`; unknown
-keys fail before anything compiles. `convert`, `bench-generate` and `bench-convert` have
-options of their own (`COMMAND --help`).
+keys fail before anything compiles. `convert`, `checkpoints`, `sweep`, `pod`, `geneval`,
+`wise`, `bench-generate` and `bench-convert` have options of their own (`COMMAND --help`).
 """
 
 from __future__ import annotations
