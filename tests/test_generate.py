@@ -11,7 +11,6 @@ from strokes_jax.sequence import tokenizer as tk
 from strokes_jax.episodes import mixer
 from strokes_jax.inference.generator import Generator, SamplingOptions
 from strokes_jax.inference.uncached import UncachedBackend
-from strokes_jax.worlds import shapes
 from strokes_jax.sequence import layout
 
 FLOW_STEPS = 4
@@ -44,11 +43,6 @@ class Oracle:
 
 def trajectories_patches(img, patch):
     return tk.patchify(np.asarray(img), patch).astype(np.float32) / 127.5 - 1.0
-
-
-@pytest.fixture(scope="module")
-def etok():
-    return tk.EpisodeTokenizer(tk.Tokenizer.shapes(), (shapes.CANVAS, shapes.CANVAS, 3), 6)
 
 
 def _episodes(kind, n=12):

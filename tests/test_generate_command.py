@@ -13,14 +13,7 @@ from strokes_jax.episodes import mixer
 from strokes_jax.evaluate import generate
 from strokes_jax.inference.generator import Generator, SamplingOptions
 from strokes_jax.inference.uncached import UncachedBackend
-from strokes_jax.sequence import tokenizer as tk
-from strokes_jax.worlds import shapes
 from test_generate import Oracle
-
-
-@pytest.fixture(scope="module")
-def etok():
-    return tk.EpisodeTokenizer(tk.Tokenizer.shapes(), (shapes.CANVAS, shapes.CANVAS, 3), 6)
 
 
 def test_prompt_files(tmp_path):

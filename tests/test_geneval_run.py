@@ -13,10 +13,8 @@ import pytest
 
 from strokes_jax.benchmarks import geneval, geneval_official, store
 from strokes_jax.benchmarks.store import BenchmarkError
-from strokes_jax.episodes import mixer
 from strokes_jax.inference.generator import Generator, SamplingOptions
 from strokes_jax.inference.uncached import UncachedBackend
-from strokes_jax.sequence import tokenizer as tk
 from strokes_jax.worlds import geneval as rules
 from strokes_jax.worlds import prompts as wp
 from strokes_jax.worlds import shapes
@@ -33,16 +31,6 @@ class NoisyOracle(Oracle):
     def apply(self, *args, **kw):
         logits, vel = super().apply(*args, **kw)
         return logits, 0.6 * vel
-
-
-@pytest.fixture(scope="module")
-def etok():
-    return tk.EpisodeTokenizer(tk.Tokenizer.shapes(), (shapes.CANVAS, shapes.CANVAS, 3), 6)
-
-
-@pytest.fixture(scope="module")
-def ref():
-    return next(iter(mixer.generate_episodes(5, 1, {"additive": 1.0})))
 
 
 def _gen(etok, ref):

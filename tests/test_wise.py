@@ -15,9 +15,6 @@ import pytest
 
 from strokes_jax.benchmarks import cli, judge as jd, store, wise, wise_protocol
 from strokes_jax.benchmarks.store import BenchmarkError
-from strokes_jax.episodes import mixer
-from strokes_jax.sequence import tokenizer as tk
-from strokes_jax.worlds import shapes
 from test_geneval_run import StopAfter, Killed, _gen
 
 
@@ -31,16 +28,6 @@ def _entry(pid, prompt, cat, sub="Festival", expl=None):
 LEGACY = [_entry(1, "p", "Cultural knowledge"), _entry(530, "p", "time", "Longitudinal time"),
           _entry(568, "p", "Space", "Occlusion"), _entry(701, "p", "Biology", "State"),
           _entry(801, "p", "Physical Knowledge", "Mechanics"), _entry(901, "p", "Chemistry", "Reaction")]
-
-
-@pytest.fixture(scope="module")
-def etok():
-    return tk.EpisodeTokenizer(tk.Tokenizer.shapes(), (shapes.CANVAS, shapes.CANVAS, 3), 6)
-
-
-@pytest.fixture(scope="module")
-def ref():
-    return next(iter(mixer.generate_episodes(5, 1, {"additive": 1.0})))
 
 
 def _write_prompts(path, entries):
