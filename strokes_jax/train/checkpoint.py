@@ -102,7 +102,7 @@ def check_shapes(mgr, step: int, state) -> None:
         return
     finally:
         quiet.level = level
-    init_weights.compare(init_weights._flat(saved), init_weights._flat(state.params),
+    init_weights.compare(init_weights.shapes_by_path(saved), init_weights.shapes_by_path(state.params),
                          f"checkpoint step {step} in {mgr.directory}")
 
 

@@ -16,6 +16,8 @@ import os
 
 import jax
 
+from strokes_jax.train import state as st
+
 # conversion.json "model" keys whose values change the function the weights compute.
 _NUMERICS = ("decoder.rope_theta", "decoder.norm_eps", "decoder.qk_norm", "decoder.qkv_bias",
              "decoder.heads", "decoder.kv_heads", "decoder.head_dim", "prediction", "time_scale",
@@ -37,9 +39,10 @@ def params_dir(path: str, key: str) -> str:
                             f"the folder written by `python -m strokes_jax convert`)")
 
 
-def _flat(tree) -> dict[str, tuple]:
+def shapes_by_path(tree) -> dict[str, tuple]:
+    """{'/'-joined parameter path: shape}, the paths train.freeze matches."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(str(getattr(k, "key", k)) for k in p): tuple(x.shape) for p, x in leaves}
+    return {st.param_path(p): tuple(x.shape) for p, x in leaves}
 
 
 def _listing(names) -> str:
@@ -95,7 +98,7 @@ def restore(path: str, params, shardings, model_cfg: dict, key: str = "train.ini
     meta = ocp.StandardCheckpointer().metadata(d).item_metadata
     tree = meta.tree if hasattr(meta, "tree") else meta
     model_tree = tree.get("model", tree) if isinstance(tree, dict) else tree
-    compare(_flat(model_tree), _flat(params), d)
+    compare(shapes_by_path(model_tree), shapes_by_path(params), d)
     conv = os.path.join(os.path.dirname(d), "conversion.json")
     if os.path.isfile(conv):
         with open(conv) as f:
