@@ -183,6 +183,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.eval = dict(
         seed=1234,  # benchmark prompts and sampling noise
         prompts_per_tag=6,  # Shapes-GenEval prompts per category (six categories)
+        # Prompts of the harder split (3 to 6 objects, one or two relations), scored as their
+        # own `hard` column beside GenEval's six and never averaged into `overall`; 0: none.
+        # A 6-object prompt needs eval.max_iterations >= 6.
+        hard_prompts=0,
         images_per_prompt=1,
         max_iterations=5,  # cap on plan/sketch/inspect iterations per episode
         max_text_tokens=48,  # cap per text segment
@@ -308,6 +312,7 @@ VALUE_RULES = {
     "optim.lr": _number(0, open_lo=True), "optim.warmup_steps": _whole(0),
     "flow.sample_steps": _whole(1), "eval.batch_size": _whole(1),
     "eval.images_per_prompt": _whole(1), "eval.prompts_per_tag": _whole(0),
+    "eval.hard_prompts": _whole(0),
     "eval.max_iterations": _whole(1), "eval.max_text_tokens": _whole(1),
     "self_critique.num_prompts": _whole(1),
     "data.manifest.max_bad_fraction": _number(0, 1), "data.manifest.min_side": _whole(1),

@@ -103,7 +103,7 @@ def run(setup, config, workdir: str, config_name: str, train_summary: dict | Non
                                   "`train`, run `evaluate` with the same --workdir on one host")
     ec = config.eval
     gen = make_generator(setup, config, ec.seed)
-    bench = shapes_bench.benchmark_prompts(ec.seed, ec.prompts_per_tag)
+    bench = shapes_bench.config_prompts(ec)
     results, samples, timings = {}, {}, dict(timings or {})
     for mode in modes:
         s, secs = shapes_bench.run(gen, bench, ec.images_per_prompt, mode, ec.batch_size)

@@ -13,8 +13,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from strokes_jax.evaluate import inspection, inspection_probe
-from strokes_jax.worlds import shapes
+from strokes_jax.evaluate import inspection, inspection_probe, intervals
+from strokes_jax.worlds import prompts, shapes
 
 SCALE = 4
 CAPTION_CHARS = 26
@@ -80,20 +80,54 @@ def filmstrip(prompt: str, text: str, images: Sequence[np.ndarray], path: str | 
     return np.asarray(canvas)
 
 
+def has_hard(results) -> bool:
+    return any(prompts.HARD_TAG in r["scores"] for r in results)
+
+
+def score_cells(r: dict, hard: bool) -> list[str]:
+    """A summary's score cells: the six categories, overall, and the hard split when the
+    table has a hard column; each with its 95% interval where the summary holds one."""
+    sc, iv = r["scores"], r.get("intervals") or {}
+    tags = list(shapes.TAGS) + ["overall"] + ([prompts.HARD_TAG] if hard else [])
+    return [intervals.fmt(sc.get(t), iv.get(t), 3 if t == "overall" else 2) for t in tags]
+
+
 def score_table(results: dict[str, dict]) -> str:
-    """Markdown table: one row per mode, GenEval's six tags, overall, NFE."""
-    tags = list(shapes.TAGS)
+    """Markdown table: one row per mode, GenEval's six tags, overall, the hard split (when
+    scored; never part of overall), NFE."""
+    hard = has_hard(results.values())
+    tags = list(shapes.TAGS) + ["overall"] + ([prompts.HARD_TAG] if hard else [])
     head = ("| mode | " + " | ".join(tags)
-            + " | overall | NFE/image | NFE/sample | evals/sample | images/sample | well-formed |")
-    sep = "|" + "---|" * (len(tags) + 7)
+            + " | NFE/image | NFE/sample | evals/sample | images/sample | well-formed |")
+    sep = "|" + "---|" * (len(tags) + 6)
     rows = [head, sep]
     for mode, r in results.items():
-        sc = r["scores"]
-        cells = [f"{sc.get(t, float('nan')):.2f}" for t in tags] + [f"{sc['overall']:.3f}"]
-        rows.append(f"| {mode} | " + " | ".join(cells) + f" | {r['nfe_per_image']:.1f} | "
+        rows.append(f"| {mode} | " + " | ".join(score_cells(r, hard)) + f" | {r['nfe_per_image']:.1f} | "
                     f"{r['nfe_per_sample']:.1f} | {r.get('evals_per_sample', float('nan')):.1f} | "
                     f"{r['images_per_sample']:.2f} | {r['well_formed']:.2f} |")
     return "\n".join(rows)
+
+
+def interval_note(results: dict[str, dict]) -> str:
+    """What the brackets and the hard column mean, and the hard split by object count; ends
+    in a space when not empty, to sit before the next sentence."""
+    boot = next((r["bootstrap"] for r in results.values() if r.get("bootstrap")), None)
+    out = []
+    if boot:
+        out.append(f"Brackets: {boot['level']:.0%} bootstrap intervals over prompts "
+                   f"({boot['resamples']} resamples, prompts resampled with replacement within "
+                   f"each category, each keeping all its images; percentile intervals).")
+    if has_hard(results.values()):
+        out.append(f"`hard` is the harder split ({prompts.HARD_MIN_OBJECTS} to "
+                   f"{prompts.HARD_MAX_OBJECTS} coloured objects over 3 or 4 shapes, counts, "
+                   f"one or two relations), scored apart and not part of overall.")
+        for mode, r in results.items():
+            by = (r.get("hard") or {}).get("by_objects")
+            if by:
+                out.append(f"Hard split by objects asked for, {mode}: " + ", ".join(
+                    f"{k}: {intervals.fmt(v[0], v[1:3])} ({plural(v[3], 'prompt')})"
+                    for k, v in by.items()) + ".")
+    return " ".join(out) + " " if out else ""
 
 
 def write(workdir: str, payload: dict, strips: Sequence[tuple[str, str, str, Sequence[np.ndarray]]]):
@@ -122,7 +156,8 @@ def write(workdir: str, payload: dict, strips: Sequence[tuple[str, str, str, Seq
           f"({payload['device']['cpu_count']} CPU cores)", "",
           score_table(payload["results"]), "",
           f"Scores are the fraction of images that pass GenEval's rules on the exact detector; "
-          f"overall is the plain mean of the six categories. {plural(payload['bench']['prompts'], 'prompt')}"
+          f"overall is the plain mean of the six categories. {interval_note(payload['results'])}"
+          f"{plural(payload['bench']['prompts'], 'prompt')}"
           f" x {plural(payload['bench']['images_per_prompt'], 'image')} per mode; flow steps per image "
           f"{payload['bench']['flow_steps']}; iteration cap {payload['bench']['max_iterations']}.", "",
           *[f"Inspection, {m}: {inspection.line(r['inspection'])}.{critique_note}\n"

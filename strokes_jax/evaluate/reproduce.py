@@ -22,10 +22,11 @@ import os
 import time
 
 from strokes_jax import provenance
-from strokes_jax.evaluate import curve, inspection, inspection_probe, job, shapes_bench
+from strokes_jax.evaluate import curve, inspection, inspection_probe, intervals, job, report, shapes_bench
 from strokes_jax.evaluate.train_images import TrainImages
 from strokes_jax.train import checkpoint as ckpt
 from strokes_jax.train import loop
+from strokes_jax.worlds import prompts, shapes
 
 ROWS = ("single_pass", "additive", "edits", "symbolic_critique", "self_critique")
 # Training order: the two rows the claim compares first, so a run stopped part way (the
@@ -223,6 +224,11 @@ def run(config, config_name: str, workdir: str, rows=None) -> dict:
                             "config_sha": sha,
                             "device_kind": out["device"]["device_kind"],
                             "scores": res["scores"],
+                            # 95% intervals, and the per-prompt outcomes the paired
+                            # comparisons between rows resample
+                            "intervals": res.get("intervals"),
+                            "per_prompt": res.get("per_prompt"),
+                            "hard": res.get("hard"),
                             "nfe_per_image": res["nfe_per_image"],
                             "nfe_per_sample": res["nfe_per_sample"],
                             "evals_per_sample": res.get("evals_per_sample"),
@@ -268,12 +274,44 @@ def seen(r: dict) -> str:
     return f" ({r['episodes_seen']} seen)" if r.get("episodes_seen") else ""
 
 
+# Row comparisons the ladder makes: each rung against the one below, and the claim itself.
+COMPARISONS = (("additive", "single_pass"), ("edits", "additive"), ("symbolic_critique", "edits"),
+               ("self_critique", "symbolic_critique"), ("self_critique", "single_pass"))
+
+
+def paired_lines(rows: dict) -> list[str]:
+    """One line per COMPARISONS pair present: the overall (and hard) difference with its
+    paired 95% interval over the shared prompts; a pair that cannot be paired says why."""
+    lines = []
+    for a, b in COMPARISONS:
+        if a not in rows or b not in rows:
+            continue
+        pa, pb = rows[a].get("per_prompt"), rows[b].get("per_prompt")
+        if not pa or not pb:
+            lines.append(f"- {a} - {b}: not paired (a row from a run that kept no per-prompt "
+                         f"outcomes)")
+            continue
+        try:
+            d = intervals.paired_difference(intervals.from_rows(pa), intervals.from_rows(pb),
+                                            shapes.TAGS)
+        except ValueError:
+            lines.append(f"- {a} - {b}: not paired (the rows were scored on different prompts)")
+            continue
+        hard = (f"; hard {intervals.fmt_difference(d[prompts.HARD_TAG])}"
+                if prompts.HARD_TAG in d else "")
+        lines.append(f"- {a} - {b}: overall {intervals.fmt_difference(d['overall'])}{hard}")
+    if lines:  # the same prompts resampled for both rows: the shared difficulty cancels
+        lines = ["", "Paired differences (95% paired bootstrap over the shared prompts):"] + lines
+    return lines
+
+
 def table(out: dict) -> str:
-    head = ("| row | single_object | two_object | counting | colors | position | color_attr | "
-            "overall | NFE/image | NFE/sample | episodes | wall s |")
+    hard = report.has_hard(out["rows"].values())
+    cols = list(shapes.TAGS) + ["overall"] + ([prompts.HARD_TAG] if hard else [])
+    head = "| row | " + " | ".join(cols) + " | NFE/image | NFE/sample | episodes | wall s |"
     lines = [f"Commit `{out['commit']}`, {out['config']}, {out['device']['device_kind']} "
              f"({out['device']['cpu_count']} CPU cores), {out['steps_per_row']} steps per row.", "",
-             head, "|" + "---|" * 12]
+             head, "|" + "---|" * (len(cols) + 5)]
     curve_lines = []
     if out.get("single_pass_curve"):
         pts = ", ".join(f"{m:g}x: {v:.3f}" for m, v in out["single_pass_curve"])
@@ -284,14 +322,16 @@ def table(out: dict) -> str:
         curve_lines = ["", f"Single-pass learning curve (overall; learning_curve.svg): {pts}.",
                        f"Single-pass training needed to match the full method: {verdict}."]
     for row, r in sorted(out["rows"].items(), key=lambda kv: ROWS.index(kv[0])):
-        sc = r["scores"]
         resumed = (f" (resumed at step {r['start_step']})" if r.get("start_step") else
                    f" (phase 1 resumed at step {r['phase1_start_step']})"
                    if r.get("phase1_start_step") else "")
-        lines.append(f"| {row} | " + " | ".join(f"{sc.get(t, float('nan')):.2f}" for t in (
-            "single_object", "two_object", "counting", "colors", "position", "color_attr"))
-            + f" | {sc['overall']:.3f} | {r['nfe_per_image']:.1f} | {r['nfe_per_sample']:.1f} | "
-            f"{r['episodes']}{seen(r)} | {r['wall_s']:.0f}{resumed} |")
+        lines.append(f"| {row} | " + " | ".join(report.score_cells(r, hard))
+                     + f" | {r['nfe_per_image']:.1f} | {r['nfe_per_sample']:.1f} | "
+                     f"{r['episodes']}{seen(r)} | {r['wall_s']:.0f}{resumed} |")
+    if any(r.get("intervals") for r in out["rows"].values()):
+        lines += ["", "Brackets: 95% bootstrap intervals over prompts (prompts resampled within "
+                  "each category, each keeping its images)."
+                  + (" `hard`: the harder split, scored apart, not part of overall." if hard else "")]
     runs = {(r.get("commit"), r.get("config_sha"), r.get("device_kind"))
             for r in out["rows"].values()}
     if len(runs) > 1:  # rows kept from earlier runs in this workdir: say which is which
@@ -308,4 +348,4 @@ def table(out: dict) -> str:
             if r.get("inspection")]
     if insp:  # a false alarm redraws a right canvas; a miss keeps a wrong one
         insp = ["", "Inspection against the exact checker, per process row:"] + insp
-    return "\n".join(lines + curve_lines + insp)
+    return "\n".join(lines + curve_lines + paired_lines(out["rows"]) + insp)

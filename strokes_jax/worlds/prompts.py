@@ -1,5 +1,5 @@
 """Shapes-world prompts in GenEval's six categories, with GenEval-style metadata, and scenes
-that satisfy them.
+that satisfy them; plus a harder category, `hard`, reported apart from GenEval's six.
 
 Metadata has GenEval's exact schema (`include` clauses with `class`, `count`, optional
 `color` and `position: [relation, clause index]`; `exclude` clauses), so the same rule
@@ -44,9 +44,13 @@ def _a(word: str) -> str:
     return ("an " if word[0] in "aeiou" else "a ") + word
 
 
-def sample_prompt(rng: np.random.Generator, tag: str) -> Prompt:
-    """A random prompt of one GenEval category, phrased with GenEval's templates."""
+def sample_prompt(rng: np.random.Generator, tag: str, max_objects: int | None = None) -> Prompt:
+    """A random prompt of one GenEval category, phrased with GenEval's templates, or of the
+    `hard` category (sample_hard_prompt). `max_objects` bounds the hard category only (GenEval's
+    six never ask for more than four objects); None: HARD_MAX_OBJECTS."""
     S, C = shapes.SHAPES, shapes.COLORS
+    if tag == HARD_TAG:
+        return sample_hard_prompt(rng, HARD_MAX_OBJECTS if max_objects is None else max_objects)
     if tag == "single_object":
         (a,) = _pick(rng, S)
         return Prompt(f"a photo of a {a}", tag, {"include": [{"class": a, "count": 1}]})
@@ -76,7 +80,115 @@ def sample_prompt(rng: np.random.Generator, tag: str) -> Prompt:
         return Prompt(f"a photo of {_a(c1)} {a} and {_a(c2)} {b}", tag,
                       {"include": [{"class": a, "count": 1, "color": c1},
                                    {"class": b, "count": 1, "color": c2}]})
-    raise ValueError(f"unknown tag {tag!r}; expected one of {shapes.TAGS}")
+    raise ValueError(f"unknown tag {tag!r}; expected one of {shapes.TAGS + (HARD_TAG,)}")
+
+
+# The harder split: several coloured objects, some counted, one or two relations. It is a
+# category of its own, never averaged into GenEval's overall. Every clause names a distinct
+# shape because GenEval's rules check a class's first `count` detections: two clauses of one
+# class would judge the same objects. With four shapes that caps a prompt at four clauses, and
+# the counts (at most "four", the largest number word of the vocabulary) carry the rest.
+HARD_TAG = "hard"
+HARD_MIN_OBJECTS = 3
+HARD_MAX_OBJECTS = 6
+_MIN_CLAUSES = 3
+_MAX_COUNT = max(shapes.NUMBERS)
+
+
+def object_count(prompt: Prompt) -> int:
+    """How many objects the prompt asks for (its include clauses' counts)."""
+    return sum(c["count"] for c in prompt.metadata.get("include", []))
+
+
+def _phrase(shape: str, color: str, count: int) -> str:
+    if count == 1:
+        return f"{_a(color)} {shape}"
+    return f"{shapes.NUMBERS[count]} {color} {shapes.PLURALS[shape]}"
+
+
+def _split_count(rng: np.random.Generator, total: int, parts: int) -> list[int]:
+    counts = [1] * parts
+    for _ in range(total - parts):
+        open_ = [i for i, c in enumerate(counts) if c < _MAX_COUNT]
+        counts[open_[int(rng.integers(len(open_)))]] += 1
+    return counts
+
+
+def _shared_relations(subj: Sequence[Obj], ref: Sequence[Obj]) -> list[str]:
+    """Relations that hold from every subject object to every reference object (GenEval's
+    position rule for counted groups), in RELATIONS order."""
+    rels = set(shapes.RELATIONS)
+    for a in subj:
+        for b in ref:
+            rels &= geneval.relative_position(a.box, b.box)
+    return [r for r in shapes.RELATIONS if r in rels]
+
+
+def sample_hard_prompt(rng: np.random.Generator, max_objects: int = HARD_MAX_OBJECTS,
+                       placements: int = 50) -> Prompt:
+    """A `hard` prompt: 3 to `max_objects` objects over 3 or 4 distinct shapes, every clause
+    coloured, counts up to four, and one relation (two when there are four clauses) between
+    disjoint clause pairs, e.g. "a photo of two red squares left of a blue circle and a green
+    cross": each "and"-separated item is one clause or one "SUBJECT REL REFERENCE" pair, so a
+    relation binds only the two noun phrases beside it. Metadata as GenEval's: each
+    relation's reference clause comes before its subject, and every clause also gets an
+    exclude at count + 1, so the counts are exact.
+
+    The relations are read off a random placement of the objects, so every prompt has a
+    scene on the 3x3 grid that satisfies it (sample_scene finds one)."""
+    if not HARD_MIN_OBJECTS <= max_objects <= HARD_MAX_OBJECTS:
+        raise ValueError(f"max_objects {max_objects} must be in "
+                         f"[{HARD_MIN_OBJECTS}, {HARD_MAX_OBJECTS}]")
+    cells = [(r, c) for r in range(shapes.GRID) for c in range(shapes.GRID)]
+    # Two objects in different cells always share a relation, so only crowded groups retry.
+    for _ in range(1000):
+        total = int(rng.integers(HARD_MIN_OBJECTS, max_objects + 1))
+        k = int(rng.integers(_MIN_CLAUSES, min(len(shapes.SHAPES), total) + 1))
+        counts = _split_count(rng, total, k)
+        classes = _pick(rng, shapes.SHAPES, k)
+        colors = _pick(rng, shapes.COLORS, k, distinct=False)
+        order = [int(i) for i in rng.permutation(k)]
+        pairs = [(order[0], order[1])] + ([(order[2], order[3])] if k == 4 and rng.random() < 0.5
+                                          else [])  # (subject, reference)
+        for _ in range(placements):
+            at = iter(rng.permutation(len(cells))[:total])
+            groups = [[Obj(classes[i], colors[i], *cells[next(at)]) for _ in range(counts[i])]
+                      for i in range(k)]
+            shared = [_shared_relations(groups[s], groups[r]) for s, r in pairs]
+            if all(shared):
+                rels = [sh[int(rng.integers(len(sh)))] for sh in shared]
+                return _hard_prompt(rng, classes, colors, counts, pairs, rels)
+    raise RuntimeError(f"no placeable hard prompt with at most {max_objects} objects")
+
+
+def _hard_prompt(rng, classes, colors, counts, pairs, rels) -> Prompt:
+    """Text items joined by "and": "SUBJECT REL REFERENCE" per relation, then the other
+    clauses, in a random order; include clauses follow the text, references first."""
+    related = {i for p in pairs for i in p}
+    items = [("rel", p, r) for p, r in zip(pairs, rels)]
+    items += [("one", i, None) for i in range(len(classes)) if i not in related]
+    texts, include, exclude = [], [], []
+
+    def clause(i, position=None):
+        c = {"class": classes[i], "count": counts[i], "color": colors[i]}
+        if position:
+            c["position"] = position
+        include.append(c)
+        exclude.append({"class": classes[i], "count": counts[i] + 1})
+
+    for j in rng.permutation(len(items)):
+        kind, what, rel = items[int(j)]
+        if kind == "rel":
+            s, r = what
+            texts.append(f"{_phrase(classes[s], colors[s], counts[s])} {rel} "
+                         f"{_phrase(classes[r], colors[r], counts[r])}")
+            clause(r)
+            clause(s, [rel, len(include) - 1])
+        else:
+            texts.append(_phrase(classes[what], colors[what], counts[what]))
+            clause(what)
+    return Prompt("a photo of " + " and ".join(texts), HARD_TAG,
+                  {"include": include, "exclude": exclude})
 
 
 def scene_detections(scene: Sequence[Obj]) -> list[geneval.Detection]:
@@ -91,6 +203,8 @@ def check_scene(scene: Sequence[Obj], prompt: Prompt) -> tuple[bool, str]:
 def sample_scene(rng: np.random.Generator, prompt: Prompt, max_tries: int = 200) -> tuple[Obj, ...]:
     """A scene with exactly the prompt's objects, in clause order (so a position clause's
     reference object comes first), that GenEval's rules accept."""
+    if prompt.tag == HARD_TAG:
+        return _sample_constrained_scene(rng, prompt, max_tries)
     for _ in range(max_tries):
         objs: list[Obj] = []
         cells = [tuple(c) for c in rng.permutation(
@@ -103,6 +217,37 @@ def sample_scene(rng: np.random.Generator, prompt: Prompt, max_tries: int = 200)
         ok, _ = check_scene(objs, prompt)
         if ok:
             return tuple(objs)
+    raise RuntimeError(f"could not place a scene for prompt {prompt.text!r}")
+
+
+def _sample_constrained_scene(rng: np.random.Generator, prompt: Prompt,
+                              max_tries: int) -> tuple[Obj, ...]:
+    """sample_scene for crowded prompts, where a blind placement rarely holds every relation:
+    each object goes to a random free cell among those that keep its relation to the
+    (already placed) reference clause. Only the hard category uses it, so the six
+    categories' scenes, and the training streams built from them, stay as they were."""
+    for _ in range(max_tries):
+        objs: list[Obj] = []
+        groups: list[list[Obj]] = []
+        for clause in prompt.metadata["include"]:
+            group: list[Obj] = []
+            for _ in range(clause["count"]):
+                color = clause.get("color") or _pick(rng, shapes.COLORS)[0]
+                cands = [Obj(clause["class"], color, r, c) for r, c in shapes.free_cells(objs)]
+                if "position" in clause:
+                    rel, tgt = clause["position"]
+                    cands = [o for o in cands if all(
+                        rel in geneval.relative_position(o.box, ref.box) for ref in groups[tgt])]
+                if not cands:
+                    break
+                group.append(cands[int(rng.integers(len(cands)))])
+                objs.append(group[-1])
+            groups.append(group)
+            if len(group) < clause["count"]:
+                break
+        else:
+            if check_scene(objs, prompt)[0]:
+                return tuple(objs)
     raise RuntimeError(f"could not place a scene for prompt {prompt.text!r}")
 
 
