@@ -23,6 +23,8 @@ from strokes_jax import configs, exits
 CONFIG_COMMANDS = {
     "demo": "build data, train, generate single-pass and process-driven, score, write the report",
     "build-data": "write the episodes (the shapes world's, or a manifest's) as ArrayRecord",
+    "train-ae": "train the autoencoder of block `vae` on the shapes world's pictures into "
+                "world.ae_path (default <workdir>/ae); report its checker pass rate",
     "train": "train, or resume from the newest checkpoint in --workdir",
     "evaluate": "load the newest checkpoint in --workdir, generate both ways, score, report",
     "self-critique": "sample the trained model, inspect its steps with the exact checker, "
@@ -98,6 +100,13 @@ def main(argv):
     from strokes_jax.evaluate import job
 
     t0 = time.time()
+    loop.resolve_paths(config, workdir)
+    if cmd == "train-ae":
+        from strokes_jax.train import autoencoder
+        report = autoencoder.train_ae(config, config.world["ae_path"] or
+                                      os.path.join(workdir, "ae"))
+        print(f"autoencoder: {autoencoder.summary(report)}")
+        return
     if cmd == "bench":
         from strokes_jax.train import bench
         out = bench.run(config, config_name, workdir)

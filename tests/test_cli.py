@@ -47,7 +47,7 @@ def test_help_lists_every_command(no_jax, tmp_path):
     (["train", "--config=shapes_tiny:test", "--config.eval.cfg_txt_scale=2"],
      "error: unknown config key eval.cfg_txt_scale (did you mean eval.cfg_text_scale?)"),
     (["train", "--config", "shapes_tiny:tset"],
-     "error: config variant 'tset': unknown (this config takes: test)"),
+     "error: config variant 'tset': unknown (this config takes: images, test)"),
     (["frobnicate"], "error: unknown command 'frobnicate'"),
     (["train", "--config", "shapes_tiny:test", "--config.train.keep_checkpoints=0"],
      "error: config key train.keep_checkpoints: 0 is not a whole number >= 1"),

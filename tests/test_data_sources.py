@@ -247,7 +247,7 @@ def test_webdataset_build_counts_skips(files, tmp_path):
 
 # -- config and training ----------------------------------------------------------------------
 @pytest.mark.parametrize("key, value, message", [
-    ("source", "lmdb", "config key data.source: 'lmdb' is not one of 'shapes', 'manifest', 'parquet', "
+    ("source", "lmdb", "config key data.source: 'lmdb' is not one of 'shapes', 'pictures', 'manifest', 'parquet', "
                        "'webdataset'"),
     ("source", "parquet", "config key data.parquet.path: data.source='parquet' needs parquet files"),
     ("source", "webdataset", "config key data.webdataset.pattern: data.source='webdataset' needs tar shards"),

@@ -18,7 +18,14 @@ def get_config(arg: str | None = None):
     opts = schema.parse_arg(arg, v5p=False, gpu8=False, test=False)
     c = schema.defaults()
 
-    c.world.update(name="bagel", image_size=1024, vit_max_image_size=980)
+    # BAGEL's images: any size and aspect ratio, resized for the VAE path to at most 1024 and
+    # at least 512 pixels a side in multiples of 16, and for the ViT path to 980 / 378 / 14
+    # (sequence/images.py). Text through Qwen2's tokenizer.json and latents through the FLUX
+    # AE, both from the conversion train.init_converted names unless set here.
+    c.world.update(name="bagel", image_size=1024, min_image_size=512, patch=16, resize=True,
+                   vit_max_image_size=980, vit_min_image_size=378, latents="ae")
+    # Your episodes: --config.data.source=manifest (docs/data_format.md), parquet or webdataset
+    # with its path; the default reads the shapes world's episodes, resized as above.
 
     c.data.update(
         seq_len=33_000,  # packed tokens per row (paper)
@@ -81,8 +88,16 @@ def get_config(arg: str | None = None):
                        heads=4, kv_heads=2, head_dim=16, mlp=128, dtype="float32",
                        vision=dict(width=32, depth=2, heads=4, mlp=48, patch=14, channels=3,
                                    max_side=4, norm_eps=1e-6, dtype="float32"))
-        c.vae = dict(c.vae, ch=32, ch_mult=(1, 2), num_res_blocks=1, dtype="float32")
-        c.data.update(seq_len=128, batch_size=2)
+        # FLUX's 8x downsampling (four levels) at a fraction of its width: 16-pixel tokens.
+        c.vae = dict(c.vae, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, dtype="float32")
+        # 64-pixel pictures of the shapes world: 4 x 4 latent tokens, 4 x 4 ViT patches.
+        c.world.update(image_size=64, min_image_size=32, vit_max_image_size=56,
+                       vit_min_image_size=28)
+        c.data.update(seq_len=512, batch_size=2, source="pictures", num_train=64, num_eval=16)
+        c.train.update(steps=4, log_every=2, eval_every=2, checkpoint_every=2)
+        c.flow.sample_steps = 3
+        c.eval.update(prompts_per_tag=1, images_per_prompt=1, max_iterations=2,
+                      max_text_tokens=24, batch_size=6, filmstrips=2)
         c.mesh.shape = (-1, 1, 1)
     else:  # v5p, the default
         c.data.batch_size = 64  # one 33K pack per v5p chip on a v5p-128 slice

@@ -52,8 +52,22 @@ def defaults() -> ml_collections.ConfigDict:
     c.world = dict(
         name="shapes",  # "shapes": the embedded procedural world (the only one that trains yet)
         image_size=36,  # pixels per side of every image
-        patch=6,  # pixels per latent patch side (shapes: identity "VAE", 6x6x3 = 108 values)
-        vit_max_image_size=0,  # BAGEL: longest side fed to the ViT (0: no ViT copies)
+        patch=6,  # pixels per latent token side (pixels: 6x6x3 = 108 values; the AE: 16)
+        # Resize every image by BAGEL's rules (sequence/images.py) instead of requiring
+        # image_size x image_size: the longest side at most image_size, the shortest at least
+        # min_image_size, sides multiples of patch; ViT copies likewise with the vit_ keys and
+        # the ViT's patch. Images keep their aspect ratio and take their own token counts.
+        resize=False,
+        min_image_size=0,
+        vit_max_image_size=0,  # BAGEL: 980 (with resize; 0: the image as the VAE path has it)
+        vit_min_image_size=0,  # BAGEL: 378
+        # Text: "" the world's word-level vocabulary; "bpe" a Qwen2-style byte-level BPE
+        # trained on the world's text; or the path of a Qwen2 tokenizer.json (BAGEL's).
+        tokenizer="",
+        # Image latents (model/codec.py): "pixels" (identity: pixel patches in [-1, 1]) or
+        # "ae" (the FLUX autoencoder of block `vae`, its weights from world.ae_path).
+        latents="pixels",
+        ae_path="",  # a `train-ae` output folder; "" with latents='ae': <workdir>/ae
     )
 
     c.data = dict(
@@ -61,6 +75,9 @@ def defaults() -> ml_collections.ConfigDict:
         # `build-data` (docs/data_format.md): 'manifest', a JSONL manifest with images;
         # 'parquet', BAGEL's text-to-image rows; 'webdataset', tar shards of image + json.
         source="shapes",
+        # world.latents='ae': encode every image once at build-data (True, data/latents.py)
+        # or inside the jitted step (False; needs one image size).
+        precompute_latents=True,
         manifest=dict(
             name="",  # names the written data under data_dir; "" = the manifest's file name
             path="",  # the training manifest (.jsonl); image paths are relative to it
@@ -132,6 +149,9 @@ def defaults() -> ml_collections.ConfigDict:
     )
 
     c.vae = None  # the FLUX autoencoder block (AEConfig keys); shapes: identity patchify
+    # `train-ae`: the autoencoder trained on the world's pictures (train/autoencoder.py).
+    c.ae_train = dict(steps=3000, batch_size=32, lr=1e-3, seed=0, num_scenes=4000,
+                      num_eval=256, kl_weight=0.0)
 
     c.flow = dict(
         train_shift=3.0,  # timestep shift in training (more steps at high noise)
@@ -324,8 +344,8 @@ VALUE_RULES = {
     "data.webdataset.max_text_chars": _whole(1), "data.webdataset.max_steps": _whole(1),
 }
 
-# data.source -> the key naming its training input (shapes needs none).
-DATA_SOURCES = {"shapes": None, "manifest": "data.manifest.path", "parquet": "data.parquet.path",
+# data.source -> the key naming its training input (shapes and its pictures need none).
+DATA_SOURCES = {"shapes": None, "pictures": None, "manifest": "data.manifest.path", "parquet": "data.parquet.path",
                 "webdataset": "data.webdataset.pattern"}
 
 
@@ -346,6 +366,11 @@ def check(config):
         value = _get(config, path)
         if not ok(value):
             raise ConfigKeyError(f"config key {path}: {value!r} is not {want}")
+    w = config.world
+    if w["latents"] not in ("pixels", "ae"):
+        raise ConfigKeyError(f"config key world.latents: {w['latents']!r} is not 'pixels' or 'ae'")
+    if w["latents"] == "ae" and not config.vae:
+        raise ConfigKeyError("config key vae: world.latents='ae' needs the autoencoder block")
     source = config.data.source
     if source not in DATA_SOURCES:
         raise ConfigKeyError(f"config key data.source: {source!r} is not one of "

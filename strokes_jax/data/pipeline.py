@@ -109,7 +109,12 @@ def record_bytes(item: Any) -> bytes:
 
 
 def decode_item(item: Any, record: str = "?") -> ep.Episode:
-    return ep.Episode.from_bytes(record_bytes(item), record=record)
+    """The item's Episode, with its precomputed latents attached when the item carries them
+    (a `latents.WithLatents` source)."""
+    episode = ep.Episode.from_bytes(record_bytes(item), record=record)
+    if isinstance(item, dict) and "latents" in item:
+        episode.latents = ep.latents_from_bytes(item["latents"], record)
+    return episode
 
 
 class ReadEpisode:
@@ -225,12 +230,13 @@ class _Row:
         self.length = 0
 
     def finish(self, seq_len: int, pad_id: int, patch_dim: int,
-               vit_patch_dim: int | None = None) -> dict[str, np.ndarray]:
+               vit_patch_dim: int | None = None, patch_dtype=np.uint8) -> dict[str, np.ndarray]:
         """The packed row; with `vit_patch_dim`, also the ViT copy's fields (layout.VIT_FIELDS),
         zero on padding and outside ViT tokens."""
         out = {k: np.zeros((seq_len,), np.int32) for k in layout.TOKEN_FIELDS + ("segment_ids",)}
         out["tokens"][:] = pad_id
-        out["patches"] = np.zeros((seq_len, patch_dim), np.uint8)
+        # uint8 pixel patches, or float32 precomputed latents (the tokenizer's codec).
+        out["patches"] = np.zeros((seq_len, patch_dim), patch_dtype)
         fields = layout.TOKEN_FIELDS
         if vit_patch_dim is not None:
             out["vit_patches"] = np.zeros((seq_len, vit_patch_dim), np.uint8)
@@ -276,10 +282,11 @@ class PackIterator(grain.DatasetIterator):
 
     def __init__(self, parent: grain.DatasetIterator, *, seq_len: int, num_rows: int,
                  pad_id: int, patch_dim: int, skips: SkipCounter,
-                 vit_patch_dim: int | None = None):
+                 vit_patch_dim: int | None = None, patch_dtype=np.uint8):
         super().__init__(parent)
         self._seq_len, self._num_rows = seq_len, num_rows
         self._pad_id, self._patch_dim, self._vit_patch_dim = pad_id, patch_dim, vit_patch_dim
+        self._patch_dtype = patch_dtype
         self._skips = skips
         self._rows: list[dict[str, np.ndarray]] | None = None
         self._emitted = 0
@@ -326,7 +333,7 @@ class PackIterator(grain.DatasetIterator):
             row.length += n
             item = self._read()
         self._rows = [r.finish(self._seq_len, self._pad_id, self._patch_dim,
-                               self._vit_patch_dim) for r in rows]
+                               self._vit_patch_dim, self._patch_dtype) for r in rows]
 
     def __next__(self) -> dict[str, np.ndarray]:
         while self._rows is None or self._emitted >= len(self._rows):
@@ -358,10 +365,11 @@ class PackIterDataset(grain.IterDataset):
 
     def __init__(self, parent: grain.IterDataset, *, seq_len: int, pad_id: int,
                  patch_dim: int, skips: SkipCounter, num_rows: int = 8,
-                 vit_patch_dim: int | None = None):
+                 vit_patch_dim: int | None = None, patch_dtype=np.uint8):
         super().__init__(parent)
         self._kw = dict(seq_len=seq_len, num_rows=num_rows, pad_id=pad_id,
-                        patch_dim=patch_dim, skips=skips, vit_patch_dim=vit_patch_dim)
+                        patch_dim=patch_dim, skips=skips, vit_patch_dim=vit_patch_dim,
+                        patch_dtype=patch_dtype)
 
     def __iter__(self) -> PackIterator:
         return PackIterator(self._parent.__iter__(), **self._kw)
@@ -371,8 +379,8 @@ class PackIterDataset(grain.IterDataset):
 
 
 def empty_row(seq_len: int, pad_id: int, patch_dim: int,
-              vit_patch_dim: int | None = None) -> dict[str, np.ndarray]:
-    return _Row().finish(seq_len, pad_id, patch_dim, vit_patch_dim)
+              vit_patch_dim: int | None = None, patch_dtype=np.uint8) -> dict[str, np.ndarray]:
+    return _Row().finish(seq_len, pad_id, patch_dim, vit_patch_dim, patch_dtype)
 
 
 def single_row(part: dict[str, np.ndarray], seq_len: int, pad_id: int, patch_dim: int,
@@ -382,7 +390,7 @@ def single_row(part: dict[str, np.ndarray], seq_len: int, pad_id: int, patch_dim
         raise ValueError(f"{record}: {len(part['tokens'])} tokens do not fit data.seq_len={seq_len}")
     row = _Row()
     row.parts, row.length = [part], len(part["tokens"])
-    return row.finish(seq_len, pad_id, patch_dim, vit_patch_dim)
+    return row.finish(seq_len, pad_id, patch_dim, vit_patch_dim, part["patches"].dtype)
 
 
 # -- construction --------------------------------------------------------------------------
@@ -427,7 +435,7 @@ def make_dataset(source: Sequence[Any], tokenizer: tk.EpisodeTokenizer, *, seq_l
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
     it = PackIterDataset(it, seq_len=seq_len, pad_id=tokenizer.tok.pad_id,
                          patch_dim=tokenizer.patch_dim, skips=skips, num_rows=num_rows,
-                         vit_patch_dim=tokenizer.vit_patch_dim)
+                         vit_patch_dim=tokenizer.vit_patch_dim, patch_dtype=tokenizer.patch_dtype)
     return it.batch(batch_size, drop_remainder=drop_remainder)
 
 
@@ -470,7 +478,7 @@ def make_eval_iter(source: Sequence[Any], tokenizer: tk.EpisodeTokenizer, *, seq
                       num_rows=num_rows, num_threads=num_threads, prefetch=prefetch,
                       process_index=pi, process_count=pc, drop_remainder=False)
     empty = empty_row(seq_len, tokenizer.tok.pad_id, tokenizer.patch_dim,
-                      tokenizer.vit_patch_dim)
+                      tokenizer.vit_patch_dim, tokenizer.patch_dtype)
     return iter(ds.map(lambda b: pad_batch(b, rows, empty)))
 
 

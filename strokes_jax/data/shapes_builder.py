@@ -64,11 +64,14 @@ class ShapesConfig(tfds.core.BuilderConfig):
     # falls back to a shorter path of the same scene), so nothing is skipped as too long.
     max_tokens: int = 0
     patch: int = 6  # the model's patch size, which sets the tokens per image
+    # How text is counted for max_tokens: "" words, "bpe" (sequence/qwen.py) or a tokenizer.json.
+    tokenizer: str = ""
 
     def params(self) -> dict:
         return {"seed": self.seed, "num_train": self.num_train, "num_eval": self.num_eval,
                 "mix": {k: float(v) for k, v in sorted(self.mix.items())},
-                "source": self.source}
+                "source": self.source,
+                **({"tokenizer": os.path.basename(self.tokenizer)} if self.tokenizer else {})}
 
 
 def resolve_source(spec: str) -> Callable[..., Iterator[ep.Episode]]:
@@ -124,7 +127,7 @@ class ShapesEpisodes(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         fn = resolve_source(cfg.source)
         count = 0
-        kwargs = {"fits": _fits(cfg.max_tokens, cfg.patch)} if cfg.max_tokens else {}
+        kwargs = {"fits": _fits(cfg.max_tokens, cfg.patch, cfg.tokenizer)} if cfg.max_tokens else {}
         for i, episode in enumerate(fn(seed=split_seed(cfg.seed, split), num=num,
                                        mix=dict(cfg.mix), **kwargs)):
             # Keys fix the on-disk order (shuffling is disabled), so they follow generation.
@@ -135,11 +138,18 @@ class ShapesEpisodes(tfds.core.GeneratorBasedBuilder):
                              f"asked for {num}")
 
 
-def _fits(max_tokens: int, patch: int) -> Callable[[ep.Episode], bool]:
+def _fits(max_tokens: int, patch: int, tokenizer: str = "") -> Callable[[ep.Episode], bool]:
+    from strokes_jax.sequence import qwen
     from strokes_jax.sequence import tokenizer as tk
     from strokes_jax.worlds import shapes
 
-    etok = tk.EpisodeTokenizer(tk.Tokenizer.shapes(), (shapes.CANVAS, shapes.CANVAS, 3), patch)
+    if tokenizer == "bpe":
+        text = qwen.shapes_bpe()
+    elif tokenizer:  # a Qwen2 tokenizer.json
+        text = qwen.QwenTokenizer.from_file(tokenizer)
+    else:
+        text = tk.Tokenizer.shapes()
+    etok = tk.EpisodeTokenizer(text, (shapes.CANVAS, shapes.CANVAS, 3), patch)
     return lambda e: len(etok(e)["tokens"]) <= max_tokens
 
 

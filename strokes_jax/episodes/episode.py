@@ -14,6 +14,7 @@ of the shapes world stay byte-identical; `from_bytes` reads both.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import re
 import struct
@@ -61,6 +62,9 @@ class Episode:
     metadata: dict
     steps: list[Step]
     kind: str = "additive"
+    # Precomputed AE latent tokens, one array per image in segment order, attached when a
+    # record is read with its latents (data/latents.py); never serialised with the episode.
+    latents: list | None = dataclasses.field(default=None, compare=False, repr=False)
 
     # -- structure ---------------------------------------------------------------------
     def segments(self) -> Iterator[tuple[int, str, object]]:
@@ -218,3 +222,25 @@ def _split_images(blob: np.ndarray, shapes: list[tuple[int, ...]], count: int,
 
 
 _TAG_RE = re.compile(r"<\|?/?[a-z_]+\|?>")
+
+
+def latents_to_bytes(arrays) -> bytes:
+    """An episode's precomputed latents (one float32 array per image) as an uncompressed
+    .npz, the record format of data/latents.py."""
+    buf = io.BytesIO()
+    np.savez(buf, *[np.asarray(a, np.float32) for a in arrays])
+    return buf.getvalue()
+
+
+def latents_from_bytes(data, record: str = "?") -> list[np.ndarray]:
+    if isinstance(data, np.ndarray) and data.shape == ():
+        data = data.item()
+    if not data:
+        raise EpisodeError(f"record {record}: no precomputed latents (the record did not "
+                           "decode when they were written)")
+    try:
+        with np.load(io.BytesIO(bytes(data))) as z:
+            return [z[f"arr_{i}"] for i in range(len(z.files))]
+    except Exception as e:
+        raise EpisodeError(f"record {record}: unreadable precomputed latents "
+                           f"({type(e).__name__}: {e})") from None

@@ -30,7 +30,8 @@ from strokes_jax.data import pipeline
 from strokes_jax.episodes import critique, trajectories as tr
 from strokes_jax.evaluate import inspection, shapes_bench
 from strokes_jax.sequence.layout import batch_keys
-from strokes_jax.train.step import to_latents, vit_inputs
+from strokes_jax.train import inputs
+from strokes_jax.train.step import encoded, to_latents, vit_inputs
 from strokes_jax.worlds import checker, grammar, prompts, shapes
 
 POSITIVE = "positive"
@@ -95,7 +96,8 @@ def own_trace_items(samples, bench: Sequence[prompts.Prompt], rerender: bool = F
 def decision_points(etok, arrays: dict, episode: ep.Episode) -> list[dict]:
     """Per inspected step: the positions whose next-token predictions decide each side, the
     truth per side, and the token range of the verdict text (for the exact check)."""
-    word = lambda w: etok.tok.encode(w)[0]  # noqa: E731
+    # A word as it stands inside the verdict, after a space (a BPE's " ok", a word-level " ok").
+    word = lambda w: etok.tok.encode(" " + w)[-1]  # noqa: E731
     plan_id, image_id = word("plan"), word("image")
     tokens, stages = arrays["tokens"], arrays["stages"]
     inspect_open, inspect_close = etok.tok.ids["<inspect>"], etok.tok.ids["</inspect>"]
@@ -119,9 +121,12 @@ def decision_points(etok, arrays: dict, episode: ep.Episode) -> list[dict]:
     return out
 
 
-def _forward(model, ok_id: int, wrong_id: int):
+def _forward(model, ok_id: int, wrong_id: int, codec):
+    encode = codec.step_latents if codec.in_step else None
+
     @jax.jit
-    def f(params, batch):
+    def f(params, batch, codec_params):
+        batch = encoded(batch, codec_params, encode)
         # Noisy copies are invisible to every text token (attention.py), so their content and
         # t do not change the logits read here; the clean copies carry the images.
         logits, _ = model.apply({"params": params}, batch["tokens"], batch["types"],
@@ -136,10 +141,11 @@ def _forward(model, ok_id: int, wrong_id: int):
 
 def probe(model, params, etok, items, seq_len: int, batch_size: int = 16) -> dict:
     """Run the probe on `items` from probe_episodes; returns rates per kind and the counts."""
-    ok_id, wrong_id = etok.tok.encode("ok")[0], etok.tok.encode("wrong")[0]
-    fwd = _forward(model, ok_id, wrong_id)
+    ok_id, wrong_id = etok.tok.encode(" ok")[-1], etok.tok.encode(" wrong")[-1]
+    fwd = _forward(model, ok_id, wrong_id, etok.codec)
     rows, meta, too_long = [], [], 0
     for e, kind in items:
+        e = inputs.world_episode(etok, e)
         a = etok(e)
         if len(a["tokens"]) > seq_len:  # the training data drops these too (max_tokens)
             too_long += 1
@@ -153,7 +159,7 @@ def probe(model, params, etok, items, seq_len: int, batch_size: int = 16) -> dic
         chunk = rows[i:i + batch_size]
         chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # one compiled shape
         batch = {k: np.stack([r[k] for r in chunk]) for k in batch_keys(chunk[0])}
-        pred, p_wrong_at = jax.device_get(fwd(params, batch))
+        pred, p_wrong_at = jax.device_get(fwd(params, batch, etok.codec.params))
         for j, (e, kind, points, tokens) in enumerate(meta[i:i + batch_size]):
             for d in points:
                 err = [s for s in ("plan", "image") if d[f"{s}_wrong"]]

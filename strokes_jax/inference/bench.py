@@ -100,11 +100,11 @@ def run(config_name: str = "", batch: int = 4, iterations: int = 3, flow_steps: 
     etok = tk.EpisodeTokenizer(tk.Tokenizer.shapes(), (w["image_size"], w["image_size"], 3), w["patch"])
     grid = w["image_size"] // w["patch"]
     mc = ModelConfig.from_config({**config.model.to_dict(), "vocab_size": etok.tok.vocab_size,
-                                  "patch_dim": etok.patch_dim, "latent_grid": (grid, grid)})
+                                  "patch_dim": etok.codec.token_dim, "latent_grid": (grid, grid)})
     model = UnifiedModel(mc)
     z = jnp.zeros((1, 8), jnp.int32)
     params = nn.unbox(model.init(jax.random.PRNGKey(seed), z, z, z, z + 1, z, z,
-                                 jnp.zeros((1, 8, etok.patch_dim)), jnp.zeros((1, 8)))["params"])
+                                 jnp.zeros((1, 8, etok.codec.token_dim)), jnp.zeros((1, 8)))["params"])
     refs = reference_episodes(iterations, batch)
     steered = Steered(model, etok, refs)
     steps = flow_steps or config.flow["sample_steps"]

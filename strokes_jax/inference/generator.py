@@ -33,7 +33,7 @@ import numpy as np
 from strokes_jax.episodes import episode as ep
 from strokes_jax.model import flow
 from strokes_jax.sequence.layout import CLEAN, TEXT, VIT
-from strokes_jax.sequence.tokenizer import EpisodeTokenizer, patchify, unpatchify
+from strokes_jax.sequence.tokenizer import EpisodeTokenizer
 
 
 @dataclasses.dataclass
@@ -149,7 +149,9 @@ def pick_token(logits: np.ndarray, allowed: np.ndarray, temperature: float,
     softmax(logits / temperature) when temperature > 0 and more than one token is allowed
     (a forced token draws nothing, so greedy and sampled runs share their noise until they
     first differ)."""
-    masked = np.where(allowed, logits.astype(np.float64), -np.inf)
+    # A converted model's embedding has spare rows past the tokenizer's ids (BAGEL: 152,064
+    # rows for 151,674 ids): never valid, so they are cut off rather than masked.
+    masked = np.where(allowed, logits[: len(allowed)].astype(np.float64), -np.inf)
     if temperature <= 0 or allowed.sum() < 2:
         return int(np.argmax(masked))
     z = (masked - masked.max()) / temperature
@@ -300,7 +302,7 @@ class _Call:
         try:
             if token == t.vision_start:
                 ex.mode, ex.k, ex.block = "image", 0, ex.block + 1
-                ex.x = ex.rng.standard_normal((self.etok.num_patches, self.etok.patch_dim)).astype(np.float32)
+                ex.x = ex.rng.standard_normal((self.etok.num_patches, self.etok.codec.token_dim)).astype(np.float32)
                 self._room_for_noisy(ex)
                 return
             if token == t.end_of_episode:
@@ -325,10 +327,9 @@ class _Call:
         if ex.k < self.opts.flow_steps:
             self._room_for_noisy(ex)
             return
-        pixels = np.clip(np.round((ex.x + 1.0) * 127.5), 0, 255).astype(np.uint8)
-        h, w, c = self.etok.image_shape
-        img = unpatchify(pixels, (h, w), self.etok.patch, c)
-        clean = pixels.astype(np.float32) / 127.5 - 1.0
+        # The codec (model/codec.py) gives the picture and the clean copy: pixels quantised
+        # as training packs them, or AE latents kept as they are with the decoded picture.
+        img, clean = self.etok.codec.image(ex.x)
         ex.canvas = clean
         ex.block += 1
         try:
@@ -354,11 +355,12 @@ class _Call:
         """The ViT copy of a finished image, as in training (tokenizer.py): its own block at
         the next RoPE position, pixels scaled like train/step.py's to_vit_pixels."""
         e = self.etok
-        vp = patchify(img, e.vit_patch).astype(np.float32) / 127.5 - 1.0
+        vp, vpos = e.vit_image(img)
+        vp = vp.astype(np.float32) / 127.5 - 1.0
         ex.block += 1
         self._put(i, ex, self.tok.vision_start, TEXT, ex.block)
-        for j in range(e.vit_num_patches):
-            self._put(i, ex, self.tok.pad_id, VIT, ex.block, vpatch=vp[j], vpos=int(e.vit_pos[j]))
+        for j in range(len(vp)):
+            self._put(i, ex, self.tok.pad_id, VIT, ex.block, vpatch=vp[j], vpos=int(vpos[j]))
         self._put(i, ex, self.tok.vision_end, TEXT, ex.block)
         ex.pos += 1
 

@@ -115,13 +115,13 @@ class KVCacheBackend:
         W = next(w for w in self.widths if w >= need)
         slab = {k: np.zeros((self.rows, W), np.float32 if k == "timesteps" else np.int32)
                 for k in _FIELDS}
-        slab["latents"] = np.zeros((self.rows, W, self.etok.patch_dim), np.float32)
+        slab["latents"] = np.zeros((self.rows, W, self.etok.codec.token_dim), np.float32)
         slab["valid"] = np.zeros((self.rows, W), bool)
         if self.etok.vit_patch is not None:
             slab["vit_patches"] = np.zeros((self.rows, W, self.etok.vit_patch_dim), np.float32)
             slab["vit_pos"] = np.zeros((self.rows, W), np.int32)
         if self.canvas:
-            slab["canvas"] = np.zeros((self.rows, W, self.etok.patch_dim), np.float32)
+            slab["canvas"] = np.zeros((self.rows, W, self.etok.codec.token_dim), np.float32)
         n_write = np.zeros(self.rows, np.int32)
         q = np.zeros(self.rows, np.int32)
         for r, p in enumerate(plan):

@@ -40,7 +40,7 @@ class UncachedBackend:
             raise ValueError("classifier-free guidance (cfg_text_scale / cfg_img_scale != 1) "
                              "needs the KV-cache backend")
         self.ts = ts
-        L, P = self.max_len, self.etok.patch_dim
+        L, P = self.max_len, self.etok.codec.token_dim
         self.buf = {k: np.zeros((batch, L), np.int32) for k in
                     ("tokens", "types", "positions", "segment_ids", "blocks", "patch_pos")}
         self.buf["latents"] = np.zeros((batch, L, P), np.float32)

@@ -7,6 +7,11 @@ Qwen2 already has the image/segment markers (<|im_start|>, <|im_end|>, <|vision_
 are added as special tokens, which takes ids from the spare rows of BAGEL's embedding (the
 tokenizer has 151,665 entries, the embedding 152,064), so converted weights need no resize.
 Byte-level BPE has no unknown token, so every text encodes.
+
+`train_bpe` builds a tokenizer of the same kind (Qwen2's pre-tokenizer regex, byte-level BPE,
+its special tokens) from a corpus: the shapes world's `:images` variant trains one on the
+world's own text (config world.tokenizer = 'bpe'), so the embedded default runs the text
+path a converted BAGEL runs, without downloading Qwen's vocabulary.
 """
 
 from __future__ import annotations
@@ -16,12 +21,17 @@ import os
 from typing import Sequence
 
 import tokenizers
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
 from strokes_jax.sequence.tokenizer import (END_OF_EPISODE, IM_END, IM_START, TAGS, VISION_END,
                                    VISION_START, TokenizerError)
 
 QWEN_SPECIALS = (IM_START, IM_END, VISION_START, VISION_END)
 PAD = "<|endoftext|>"  # Qwen2's padding token
+# Qwen2's pre-tokenizer split (its tokenizer.json): contractions, letter runs with one leading
+# non-letter, single digits, punctuation runs, newlines, spaces.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 class QwenTokenizer:
@@ -60,3 +70,38 @@ class QwenTokenizer:
 
     def fingerprint(self) -> str:
         return json.dumps(self.tok.get_vocab(with_added_tokens=True), sort_keys=True)
+
+
+def train_bpe(texts, vocab_size: int = 512, pad_to: int = 8) -> QwenTokenizer:
+    """A Qwen2-style byte-level BPE trained on `texts`: Qwen2's normaliser, split regex and
+    byte-level decoder, its special tokens first, then `<reserved_i>` tokens up to a multiple
+    of `pad_to` once the episode tags are added (the vocabulary axis then splits evenly over a
+    tensor-parallel mesh axis). The trainer is deterministic for a given corpus."""
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(tokenizers.Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, *QWEN_SPECIALS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(list(texts), trainer)
+    n = tok.get_vocab_size(with_added_tokens=True) + 1 + len(TAGS)
+    tok.add_special_tokens([f"<reserved_{i}>" for i in range(-n % pad_to)])
+    return QwenTokenizer(tok)
+
+
+def shapes_bpe() -> QwenTokenizer:
+    """The shapes world's text through a Qwen2-style BPE: trained on every word of the
+    grammar and on the text of a fixed set of episodes of every kind, so merges follow the
+    world's real word frequencies."""
+    from strokes_jax.episodes import mixer
+    from strokes_jax.worlds import grammar
+    texts = [" ".join(grammar.vocabulary())]
+    mix = {"single_pass": 1.0, "additive": 1.0, "edit": 1.0, "critique": 1.0}
+    for e in mixer.generate_episodes(7, 400, mix):
+        texts.append(e.prompt)
+        for st in e.steps:
+            texts.extend(t for t in (st.ins, st.des, st.inspect, st.refine) if t)
+    return train_bpe(texts)

@@ -123,6 +123,35 @@ def unpatchify(tokens: np.ndarray, hw: tuple[int, int], patch: int, channels: in
     return x.reshape(h, w, channels)
 
 
+def to_pixels(x: np.ndarray) -> np.ndarray:
+    """Latents in [-1, 1] -> uint8 pixels (rounded, clipped)."""
+    return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+class PixelCodec:
+    """The shapes world's identity codec: patch x patch x 3 uint8 pixel patches are the
+    latents, scaled to [-1, 1] (model/codec.py has the autoencoder's)."""
+
+    kind = "pixels"
+    in_step = False  # nothing to encode inside the training step
+    params = None
+
+    def __init__(self, image_shape: tuple[int, int, int], patch: int, rules=None):
+        self.image_shape, self.patch, self.rules = tuple(image_shape), patch, rules
+        self.token_dim = patch * patch * image_shape[2]
+        self.packed_dtype = np.uint8  # what a packed row's `patches` hold
+
+    def image(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Denoised tokens [T, token_dim] -> (uint8 image, the clean copy's tokens). The clean
+        copy is the image quantised to pixels, exactly what training packs for it."""
+        px = to_pixels(x)
+        h, w, c = self.image_shape
+        return unpatchify(px, (h, w), self.patch, c), px.astype(np.float32) / 127.5 - 1.0
+
+    def fingerprint(self) -> str:
+        return f"pixels:{self.patch}"
+
+
 def vit_positions(h_patches: int, w_patches: int, max_side: int) -> np.ndarray:
     """BAGEL's "extrapolate" ViT position ids, row * max_side + col, row-major like patchify."""
     rows, cols = np.meshgrid(np.arange(h_patches), np.arange(w_patches), indexing="ij")
@@ -145,20 +174,45 @@ class EpisodeTokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer, image_shape: tuple[int, int, int], patch: int,
-                 vit_patch: int | None = None, vit_max_side: int = 70):
+                 vit_patch: int | None = None, vit_max_side: int = 70, codec=None,
+                 vit_rules=None):
         self.tok = tokenizer
         self.image_shape = tuple(image_shape)
         self.patch = patch
         h, w, c = self.image_shape
         self.num_patches = (h // patch) * (w // patch)
-        self.patch_dim = patch * patch * c
-        self.vit_patch = vit_patch
+        self.grid_w = w // patch  # width of the 2-D latent position table
+        # The codec (model/codec.py) decides what a row's patches hold: pixel patches (uint8,
+        # patch * patch * c values) or, with precomputed AE latents, latent tokens (float32).
+        self.codec = codec if codec is not None else PixelCodec(self.image_shape, patch)
+        if self.codec.patch != patch:
+            raise ValueError(f"config key world.patch: {patch} pixels per token, but the "
+                             f"{self.codec.kind} codec's tokens cover {self.codec.patch}")
+        # codec.rules (sequence/images.py ImageRules) resize every image as BAGEL does, so
+        # images of any size and aspect ratio take their own token counts; image_shape is then
+        # the largest image (the position table, and what the generator paints). Without
+        # rules every image must have image_shape.
+        self.rules = getattr(self.codec, "rules", None)
+        self.vit_rules = vit_rules
+        self.latent_input = getattr(self.codec, "precomputed", False)
+        self.patch_dim = self.codec.token_dim if self.latent_input else patch * patch * c
+        self.patch_dtype = self.codec.packed_dtype
+        self.vit_patch, self.vit_max_side = vit_patch, vit_max_side
         self.vit_num_patches, self.vit_patch_dim = 0, None
         if vit_patch is not None:
-            self._check_vit(vit_patch, vit_max_side)
-            self.vit_num_patches = (h // vit_patch) * (w // vit_patch)
+            if vit_rules is None:
+                self._check_vit(vit_patch, vit_max_side)
+                self.vit_num_patches = (h // vit_patch) * (w // vit_patch)
+                self.vit_pos = vit_positions(h // vit_patch, w // vit_patch, vit_max_side)
+            else:
+                if vit_rules.stride != vit_patch or vit_rules.max_side > vit_patch * vit_max_side:
+                    raise ValueError(f"config key world.vit_max_image_size: {vit_rules.max_side} "
+                                     f"pixels in {vit_patch}-pixel patches exceed the "
+                                     f"{vit_max_side}-patch position table, or the stride "
+                                     f"{vit_rules.stride} is not the patch")
+                gh, gw = vit_rules.dims(h, w)
+                self.vit_num_patches = (gh // vit_patch) * (gw // vit_patch)
             self.vit_patch_dim = vit_patch * vit_patch * c
-            self.vit_pos = vit_positions(h // vit_patch, w // vit_patch, vit_max_side)
 
     def _check_vit(self, vit_patch: int, max_side: int) -> None:
         # Every episode's images have image_shape (Episode.validate), so the ViT grid is
@@ -172,6 +226,47 @@ class EpisodeTokenizer:
         if h // vit_patch > max_side or w // vit_patch > max_side:
             raise ValueError(f"EpisodeTokenizer vit_max_side: a {h // vit_patch}x{w // vit_patch} "
                              f"ViT patch grid exceeds the {max_side}x{max_side} position table")
+
+    def _latents(self, episode: ep.Episode, rec: str) -> list[np.ndarray] | None:
+        """Precomputed latent tokens, one [tokens, patch_dim] array per image in segment order
+        (data/latents.py attaches them when the record is read); None for pixel rows."""
+        if not self.latent_input:
+            return None
+        lat = episode.latents
+        images = episode.images()
+        if lat is None or len(lat) != len(images):
+            raise ep.EpisodeError(f"{rec}: {0 if lat is None else len(lat)} precomputed latents "
+                                  f"for {len(images)} images (rebuild them: build-data)")
+        for i, (a, img) in enumerate(zip(lat, images)):
+            gh, gw = self.latent_grid(np.asarray(img).shape)
+            if tuple(a.shape) != (gh * gw, self.patch_dim):
+                raise ep.EpisodeError(f"{rec}: precomputed latents of image {i} have shape "
+                                      f"{list(a.shape)}, not {[gh * gw, self.patch_dim]}")
+        return lat
+
+    def latent_grid(self, shape) -> tuple[int, int]:
+        """(rows, cols) of latent tokens for an image of `shape`, after the resize rules."""
+        h, w = shape[:2] if self.rules is None else self.rules.dims(shape[0], shape[1])
+        return h // self.patch, w // self.patch
+
+    def image_patches(self, img: np.ndarray, latent: np.ndarray | None = None):
+        """(what a row holds for the image's tokens, their patch_pos): the precomputed latent
+        tokens or the (resized) image's pixel patches, and row * table width + col."""
+        gh, gw = self.latent_grid(np.asarray(img).shape)  # from the image before resizing
+        if latent is None:
+            img = np.asarray(img) if self.rules is None else self.rules.resize(img)
+            latent = patchify(img, self.patch)
+        rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+        return latent, (rows * self.grid_w + cols).reshape(-1)
+
+    def vit_image(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 ViT patches, their vit_pos) of an image's ViT copy (resized by the ViT's
+        rules when set)."""
+        if self.vit_rules is None:
+            return patchify(np.asarray(img), self.vit_patch), self.vit_pos
+        img = self.vit_rules.resize(img)
+        gh, gw = img.shape[0] // self.vit_patch, img.shape[1] // self.vit_patch
+        return patchify(img, self.vit_patch), vit_positions(gh, gw, self.vit_max_side)
 
     def image_tokens(self) -> int:
         """Sequence positions one generated image takes: noisy copy + markers + clean copy
@@ -194,12 +289,13 @@ class EpisodeTokenizer:
         an image's clean / ViT copy (its noisy copy, a flow target, always stays). A dropped
         element takes no RoPE position, and the token before it gets no CE target (what
         follows it in the clean stream is not what the layout would have put there)."""
-        episode.validate(self.image_shape)
+        episode.validate(self.image_shape if self.rules is None else None)
         drop = drop or CondDrop()
         rec = f"episode {episode.id!r}"
         cols = {k: [] for k in TOKEN_FIELDS}
         patches: list[np.ndarray] = []
-        zero_patch = np.zeros((self.patch_dim,), np.uint8)
+        zero_patch = np.zeros((self.patch_dim,), self.patch_dtype)
+        latents = self._latents(episode, rec)
         pos, block, image_k = 0, 0, -1
         vit = self.vit_patch is not None
         vit_patches: list[np.ndarray] = []
@@ -229,36 +325,36 @@ class EpisodeTokenizer:
                     pos += 1
                 continue
             image_k += 1
-            p = patchify(np.asarray(content), self.patch)
+            p, ppos = self.image_patches(content, None if latents is None else latents[image_k])
             at_pos = modality == "image"
             if at_pos:  # a flow target: its noisy copy carries the loss
                 block += 1
-                for j in range(self.num_patches):
-                    put(self.tok.pad_id, NOISY, stage, pos, block, j, p[j])
+                for j in range(len(p)):
+                    put(self.tok.pad_id, NOISY, stage, pos, block, int(ppos[j]), p[j])
             if image_k in drop.clean:
                 force_next[0] = True
             else:  # the clean copy shares the noisy copy's position
                 at_pos = True
                 block += 1
                 put(self.tok.vision_start, TEXT, stage, pos, block, 0, zero_patch)
-                for j in range(self.num_patches):
-                    put(self.tok.pad_id, CLEAN, stage, pos, block, j, p[j])
+                for j in range(len(p)):
+                    put(self.tok.pad_id, CLEAN, stage, pos, block, int(ppos[j]), p[j])
                 put(self.tok.vision_end, TEXT, stage, pos, block, 0, zero_patch)
             pos += int(at_pos)
             if vit and image_k not in drop.vit:  # its own element, the next position (BAGEL)
                 block += 1
                 force_next[0] = True
-                vp = patchify(np.asarray(content), self.vit_patch)
+                vp, vpos = self.vit_image(content)
                 put(self.tok.vision_start, TEXT, stage, pos, block, 0, zero_patch)
-                for j in range(self.vit_num_patches):
+                for j in range(len(vp)):
                     put(self.tok.pad_id, VIT, stage, pos, block, 0, zero_patch, vp[j],
-                        int(self.vit_pos[j]))
+                        int(vpos[j]))
                 put(self.tok.vision_end, TEXT, stage, pos, block, 0, zero_patch)
                 pos += 1
         put(self.tok.end_of_episode, TEXT, ep.PLAN, pos, 0, 0, zero_patch)
 
         out = {k: np.asarray(v, np.int32) for k, v in cols.items()}
-        out["patches"] = np.stack(patches).astype(np.uint8)
+        out["patches"] = np.stack(patches).astype(self.patch_dtype)
         if vit:
             out["vit_patches"] = np.stack(vit_patches).astype(np.uint8)
             out["vit_pos"] = np.asarray(vit_pos, np.int32)

@@ -17,13 +17,14 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 import flax.linen as nn
-import tensorflow_datasets as tfds
 from clu import metric_writers, periodic_actions
 
 from strokes_jax import files
 from strokes_jax.sequence import tokenizer as tk
 from strokes_jax.configs import schema
-from strokes_jax.data import pipeline, shapes_builder
+from strokes_jax.data import pipeline
+from strokes_jax.train.inputs import episode_tokenizer, resolve_paths, vit_packing  # noqa: F401
+from strokes_jax.train.prepare import data_config, data_dir, prepare_data  # noqa: F401 (callers)
 from strokes_jax.model import routing
 from strokes_jax.model.unified import ModelConfig, UnifiedModel
 from strokes_jax.train import checkpoint as ckpt
@@ -53,29 +54,16 @@ class Setup:
 EvalHook = Callable[[Setup, int, object], None]
 
 
-def episode_tokenizer(config) -> tk.EpisodeTokenizer:
-    w = config.world
-    if w["name"] != "shapes":
-        raise ValueError(f"config key world.name: unknown world {w['name']!r}")
-    return tk.EpisodeTokenizer(tk.Tokenizer.shapes(), (w["image_size"], w["image_size"], 3),
-                               w["patch"], **vit_packing(config))
-
-
-def vit_packing(config) -> dict:
-    """data.vit_copies: pack a ViT copy of every image (sequence/tokenizer.py). Its patch size and
-    position table come from model.vision, so data and model cannot disagree."""
-    if not config.data.vit_copies:
-        return {}
-    vision = config.model.vision
-    if not vision:
-        raise ValueError("config key data.vit_copies needs model.vision (the ViT to read them)")
-    return dict(vit_patch=int(vision["patch"]), vit_max_side=int(vision["max_side"]))
-
-
 def model_config(config, etok: tk.EpisodeTokenizer) -> ModelConfig:
+    """The model for the world's tokenizer and images. model.vocab_size, when set (converted
+    weights), keeps the embedding's rows; the tokenizer must fit in them."""
     grid = etok.image_shape[0] // etok.patch
-    return ModelConfig.from_config({**config.model.to_dict(), "vocab_size": etok.tok.vocab_size,
-                                    "patch_dim": etok.patch_dim, "latent_grid": (grid, grid)})
+    vocab = int(config.model.vocab_size) or etok.tok.vocab_size
+    if etok.tok.vocab_size > vocab:
+        raise schema.ConfigKeyError(f"config key model.vocab_size: {vocab} rows, but the "
+                                    f"tokenizer has {etok.tok.vocab_size} ids")
+    return ModelConfig.from_config({**config.model.to_dict(), "vocab_size": vocab,
+                                    "patch_dim": etok.codec.token_dim, "latent_grid": (grid, grid)})
 
 
 def setup(config, devices=None, model_cfg: ModelConfig | None = None) -> Setup:
@@ -92,107 +80,6 @@ def setup(config, devices=None, model_cfg: ModelConfig | None = None) -> Setup:
                                        model.cfg.patch_dim, ema=config.optim.ema_decay > 0)
     shd.check_sufficiently_sharded(state.params, mesh, config.train.shard_tolerance)
     return Setup(config, etok, model, mesh, tx, state, shardings)
-
-
-def data_config(config) -> shapes_builder.ShapesConfig:
-    d = config.data
-    mix = dict(d.mix)
-    tag = "_".join(f"{k}{v:g}" for k, v in sorted(mix.items()))
-    return shapes_builder.ShapesConfig(
-        name=f"s{d.seed}_n{d.num_train}_{d.num_eval}_L{d.seq_len}_p{config.world['patch']}_{tag}".replace(".", "p"),
-        seed=d.seed, num_train=d.num_train, num_eval=d.num_eval, mix=mix, max_tokens=d.seq_len,
-        patch=config.world["patch"])
-
-
-def data_dir(config, workdir: str) -> str:
-    return config.data.data_dir or os.path.join(workdir, "data")
-
-
-def _prepare_manifest(config, workdir: str, need_eval: bool):
-    """data.source='manifest': write the user's episodes (once) and return the sources (None
-    when there is no eval manifest and `need_eval` is False: `build-data` alone)."""
-    from strokes_jax.data import manifest_builder
-    m = config.data.manifest
-    if need_eval and not m.eval_path:
-        raise schema.ConfigKeyError("config key data.manifest.eval_path: training needs a held-out "
-                                    "manifest for the eval loss (build-data alone does not)")
-    mcfg = manifest_builder.ManifestConfig(
-        name=m.name or os.path.splitext(os.path.basename(m.path))[0], manifest=m.path,
-        eval_manifest=m.eval_path, max_bad_fraction=m.max_bad_fraction, min_side=m.min_side,
-        max_text_chars=m.max_text_chars, max_steps=m.max_steps)
-    ddir = data_dir(config, workdir)
-    summary = manifest_builder.build(ddir, mcfg, progress=jax.process_index() == 0)
-    if jax.process_index() == 0:
-        print(f"data: {summary}", flush=True)
-    if not m.eval_path:
-        return None
-    return (manifest_builder.data_source(ddir, mcfg, "train"),
-            manifest_builder.data_source(ddir, mcfg, "eval"))
-
-
-def _prepare_t2i(config, workdir: str, need_eval: bool):
-    """data.source='parquet' or 'webdataset': as `_prepare_manifest`, from those files."""
-    from strokes_jax.data import t2i_builders
-    from strokes_jax.episodes import sources
-    src, d = config.data.source, config.data[config.data.source]
-    limits = dict(max_bad_fraction=d.max_bad_fraction, min_side=d.min_side, max_text_chars=d.max_text_chars)
-    if src == "parquet":
-        keys = {"train": "data.parquet.path", "eval": "data.parquet.eval_path"}
-        cfg = t2i_builders.ParquetConfig(name=d.name or t2i_builders.default_name(d.path), path=d.path,
-                                         eval_path=d.eval_path, image_column=d.image_column,
-                                         caption_column=d.caption_column, **limits)
-    else:
-        keys = {"train": "data.webdataset.pattern", "eval": "data.webdataset.eval_pattern"}
-        cfg = t2i_builders.WebDatasetConfig(name=d.name or t2i_builders.default_name(d.pattern),
-                                            pattern=d.pattern, eval_pattern=d.eval_pattern,
-                                            max_steps=d.max_steps, **limits)
-    if need_eval and "eval" not in cfg.inputs():
-        raise schema.ConfigKeyError(f"config key {keys['eval']}: training needs held-out data for the "
-                                    "eval loss (build-data alone does not)")
-    for split, spec in cfg.inputs().items():
-        try:
-            cfg.files(spec)
-        except FileNotFoundError as e:
-            raise FileNotFoundError(f"config key {keys[split]}: {e}") from None
-    ddir = data_dir(config, workdir)
-    try:
-        summary = t2i_builders.build(ddir, cfg, progress=jax.process_index() == 0)
-    except sources.ColumnError as e:
-        raise schema.ConfigKeyError(f"config key data.parquet.{e.key}: {e}") from None
-    if jax.process_index() == 0:
-        print(f"data: {summary}", flush=True)
-    if "eval" not in cfg.inputs():
-        return None
-    return (t2i_builders.data_source(ddir, cfg, "train"), t2i_builders.data_source(ddir, cfg, "eval"))
-
-
-def prepare_data(config, workdir: str, need_eval: bool = True):
-    """Build the episodes (once) and return the train and eval sources: the shapes world's,
-    or with data.source='manifest' / 'parquet' / 'webdataset' the user's own (`need_eval`
-    False allows data without an eval split, for `build-data`)."""
-    if config.data.source == "manifest":
-        return _prepare_manifest(config, workdir, need_eval)
-    if config.data.source in ("parquet", "webdataset"):
-        return _prepare_t2i(config, workdir, need_eval)
-    dcfg, ddir = data_config(config), data_dir(config, workdir)
-    tfds.disable_progress_bar()
-    t0 = time.time()
-    found = shapes_builder.builder(ddir, dcfg).is_prepared()
-    if jax.process_count() == 1:
-        shapes_builder.build(ddir, dcfg)
-    else:  # process 0 writes; the others then find it (shared storage) or write their own copy
-        from jax.experimental import multihost_utils
-        if jax.process_index() == 0:
-            shapes_builder.build(ddir, dcfg)
-        multihost_utils.sync_global_devices("strokes_jax: data written by process 0")
-        if jax.process_index() > 0:
-            shapes_builder.build(ddir, dcfg)
-        multihost_utils.sync_global_devices("strokes_jax: data ready on every process")
-    if jax.process_index() == 0:
-        print(f"data: {dcfg.num_train} train + {dcfg.num_eval} eval episodes "
-              f"{'found' if found else 'written'} in {ddir} ({time.time() - t0:.0f}s)", flush=True)
-    return (shapes_builder.data_source(ddir, dcfg, "train"),
-            shapes_builder.data_source(ddir, dcfg, "eval"))
 
 
 class _Preemption:
@@ -298,6 +185,14 @@ def with_extra_sources(config, train_src):
     return parts
 
 
+def _ema_copy(state, params):
+    """The EMA's own copy of starting params: one buffer in both would be donated twice by
+    the train step (XLA refuses, or crashes)."""
+    if state.ema_params is None:
+        return None
+    return jax.tree_util.tree_map(lambda x: x.copy(), params)
+
+
 def _init_from(s: Setup, config) -> None:
     """train.init_from: start from another run's newest params; train.init_converted: from
     converted weights. Either way with a fresh optimizer and step."""
@@ -309,7 +204,7 @@ def _init_from(s: Setup, config) -> None:
         params = init_weights.restore(conv, s.state.params, s.shardings.params,
                                       dataclasses.asdict(s.model.cfg))
         s.state = s.state.replace(params=params,
-                                  ema_params=None if s.state.ema_params is None else params)
+                                  ema_params=_ema_copy(s.state, params))
         logging.info("initialised from converted weights %s", conv)
         return
     if not src:
@@ -320,7 +215,7 @@ def _init_from(s: Setup, config) -> None:
         raise FileNotFoundError(f"config key train.init_from: no checkpoint under {src}")
     params = restored[1].params
     s.state = s.state.replace(params=params,
-                              ema_params=None if s.state.ema_params is None else params)
+                              ema_params=_ema_copy(s.state, params))
     logging.info("initialised from %s step %d", src, restored[0])
 
 
@@ -344,7 +239,7 @@ def train(config, workdir: str, sources=None, devices=None,
     train_step, eval_step = sp.jit_steps(routing.sparse(s.model, fractions), s.tx, lc, s.mesh,
                                          s.shardings,
                                          accum_steps=config.train.accum_steps,
-                                         ema_decay=config.optim.ema_decay)
+                                         ema_decay=config.optim.ema_decay, codec=s.etok.codec)
     tc = config.train
     mgr = ckpt.manager(workdir, keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
     if mgr.latest_step() is not None and not allow_config_change:

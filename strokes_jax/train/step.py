@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 
 from strokes_jax.model import flow
+from strokes_jax.model.codec import to_latents
 from strokes_jax.train import losses
 from strokes_jax.model import routing
 from strokes_jax.model.unified import UnifiedModel
@@ -31,14 +32,9 @@ class LossConfig:
                    float(cfg.losses.mse_weight), float(cfg.flow.train_shift))
 
 
-def to_latents(patches):
-    """uint8 pixels -> [-1, 1]: the shapes world's identity "VAE"."""
-    return patches.astype(jnp.float32) / 127.5 - 1.0
-
-
 def to_vit_pixels(patches):
     """uint8 pixels -> [-1, 1], the ViT's input range: SigLIP normalises with mean = std =
-    0.5 (BAGEL's ViT transform), i.e. x / 127.5 - 1, the same map as to_latents."""
+    0.5 (BAGEL's ViT transform), i.e. x / 127.5 - 1, the same map as to_latents' for pixels."""
     return patches.astype(jnp.float32) / 127.5 - 1.0
 
 
@@ -129,8 +125,17 @@ def grads_and_sums(params, batch, rng, *, model, lc: LossConfig, accum_steps: in
     return grads, sums
 
 
-def train_step(state, batch, *, model, tx, lc: LossConfig, accum_steps: int = 1,
-               ema_decay: float = 0.0):
+def encoded(batch, codec_params, encode):
+    """The batch with its pixel patches replaced by latent tokens when the codec encodes in
+    the step (model/codec.py: AE latents not precomputed); otherwise the batch as it is."""
+    if encode is None:
+        return batch
+    return dict(batch, patches=encode(codec_params, batch))
+
+
+def train_step(state, batch, codec_params=None, *, model, tx, lc: LossConfig,
+               accum_steps: int = 1, ema_decay: float = 0.0, encode=None):
+    batch = encoded(batch, codec_params, encode)
     rng = jax.random.fold_in(state.rng, state.step)
     grads, sums = grads_and_sums(state.params, batch, rng, model=model, lc=lc,
                                  accum_steps=accum_steps)
@@ -146,23 +151,42 @@ def train_step(state, batch, *, model, tx, lc: LossConfig, accum_steps: int = 1,
     return new, metrics
 
 
-def eval_step(state, batch, *, model, lc: LossConfig):
+def eval_step(state, batch, codec_params=None, *, model, lc: LossConfig, encode=None):
+    batch = encoded(batch, codec_params, encode)
     rng = jax.random.fold_in(state.rng, 2**31 - 1)  # fixed noise: eval losses are comparable
     _, sums = loss_fn(state.params, batch, rng, model=model, lc=lc)
     return losses.finalize(sums, lc.ce_weight, lc.mse_weight)
 
 
 def jit_steps(model, tx, lc: LossConfig, mesh, state_shardings, *, accum_steps: int = 1,
-              ema_decay: float = 0.0):
-    """The sharded, jitted train and eval steps (state donated in training)."""
+              ema_decay: float = 0.0, codec=None):
+    """The sharded, jitted train and eval steps (state donated in training), each called as
+    step(state, batch). A `codec` that encodes in the step gets its (replicated, frozen)
+    parameters passed as an argument, not baked into the program as constants."""
     bs, rep = shd.batch_sharding(mesh), shd.replicated(mesh)
     # One sharding for every batch field (a pytree prefix), so batches with or without the
     # ViT copy's fields (layout.VIT_FIELDS) go through the same function.
     batch_sh = bs
+    encode = codec.step_latents if codec is not None and codec.in_step else None
     train = jax.jit(functools.partial(train_step, model=model, tx=tx, lc=lc,
-                                      accum_steps=accum_steps, ema_decay=ema_decay),
-                    in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, rep),
-                    donate_argnums=(0,))
-    evaluate = jax.jit(functools.partial(eval_step, model=model, lc=lc),
-                       in_shardings=(state_shardings, batch_sh), out_shardings=rep)
-    return train, evaluate
+                                      accum_steps=accum_steps, ema_decay=ema_decay, encode=encode),
+                    in_shardings=(state_shardings, batch_sh, rep),
+                    out_shardings=(state_shardings, rep), donate_argnums=(0,))
+    evaluate = jax.jit(functools.partial(eval_step, model=model, lc=lc, encode=encode),
+                       in_shardings=(state_shardings, batch_sh, rep), out_shardings=rep)
+    cparams = None if encode is None else jax.device_put(codec.params, rep)
+    return BoundStep(train, cparams), BoundStep(evaluate, cparams)
+
+
+class BoundStep:
+    """A jitted step with the codec's parameters bound: step(state, batch), and
+    step.lower(state, batch) for compiled-memory and cost analyses."""
+
+    def __init__(self, fn, codec_params):
+        self.fn, self.codec_params = fn, codec_params
+
+    def __call__(self, state, batch):
+        return self.fn(state, batch, self.codec_params)
+
+    def lower(self, state, batch):
+        return self.fn.lower(state, batch, self.codec_params)

@@ -1,0 +1,165 @@
+"""The AE latent path: precomputed latents and latents encoded inside the step give the same
+rows and losses, latents records travel with their episodes through the pipeline, and the
+Qwen2-style BPE carries every episode tag."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from strokes_jax.configs import shapes_tiny
+from strokes_jax.data import latents, pipeline
+from strokes_jax.episodes import episode as ep
+from strokes_jax.episodes import mixer
+from strokes_jax.model import codec as cd
+from strokes_jax.model import vae
+from strokes_jax.model.unified import ModelConfig, UnifiedModel
+from strokes_jax.sequence import qwen
+from strokes_jax.sequence import tokenizer as tk
+from strokes_jax.sequence.layout import CLEAN, NOISY, TAGS
+from strokes_jax.train import step as sp
+
+SIZE = 96
+AE = vae.AEConfig(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, z_channels=4, groups=4,
+                  scale_factor=0.7, shift_factor=0.1)
+
+
+def _pic(img):
+    return np.asarray(Image.fromarray(img).resize((SIZE, SIZE), Image.BOX))
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return qwen.shapes_bpe()
+
+
+@pytest.fixture(scope="module")
+def codecs():
+    params = vae.AutoEncoder(AE).init(jax.random.PRNGKey(0), jnp.zeros((1, SIZE, SIZE, 3)))["params"]
+    return (cd.AECodec(AE, params, (SIZE, SIZE, 3), precomputed=True),
+            cd.AECodec(AE, params, (SIZE, SIZE, 3), precomputed=False))
+
+
+@pytest.fixture(scope="module")
+def episodes():
+    out = []
+    for e in mixer.generate_episodes(3, 4, {"additive": 1.0, "critique": 1.0}):
+        steps = [dataclasses.replace(s, sketch=_pic(s.sketch),
+                                     refined=None if s.refined is None else _pic(s.refined))
+                 for s in e.steps]
+        out.append(dataclasses.replace(e, steps=steps))
+    return out
+
+
+def _with_latents(e, codec):
+    e = dataclasses.replace(e)
+    e.latents = [codec.encode(im[None])[0] for im in e.images()]
+    return e
+
+
+def _batch(etok, eps, seq_len=512):
+    rows = [pipeline.single_row(etok(e), seq_len, etok.tok.pad_id, etok.patch_dim) for e in eps]
+    return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+
+
+def test_precomputed_and_in_step_latents_agree(bpe, codecs, episodes):
+    pre, fly = codecs
+    et_pre = tk.EpisodeTokenizer(bpe, (SIZE, SIZE, 3), 16, codec=pre)
+    et_fly = tk.EpisodeTokenizer(bpe, (SIZE, SIZE, 3), 16, codec=fly)
+    b_pre = _batch(et_pre, [_with_latents(e, pre) for e in episodes])
+    b_fly = _batch(et_fly, episodes)
+    assert b_pre["patches"].dtype == jnp.float32 and b_pre["patches"].shape[-1] == 16
+    assert b_fly["patches"].dtype == jnp.uint8 and b_fly["patches"].shape[-1] == 16 * 16 * 3
+    for k in ("tokens", "types", "positions", "blocks", "patch_pos", "targets"):
+        np.testing.assert_array_equal(b_pre[k], b_fly[k])
+    # 36 latent tokens per image copy: each image's noisy copy is one run of 36.
+    noisy = np.asarray(b_pre["types"][0] == NOISY)
+    assert noisy.sum() % 36 == 0 and noisy.sum() > 0
+    encoded = jax.jit(fly.step_latents)(fly.params, b_fly)
+    img = np.asarray((b_pre["types"] == NOISY) | (b_pre["types"] == CLEAN))
+    # Batched convolutions sum in another order than one image at a time.
+    np.testing.assert_allclose(np.asarray(encoded)[img], np.asarray(b_pre["patches"])[img],
+                               atol=5e-4, rtol=0)
+    assert float(jnp.abs(encoded[~img]).max()) == 0.0
+    c = shapes_tiny.get_config("test")
+    mc = ModelConfig.from_config({**c.model.to_dict(), "vocab_size": bpe.vocab_size,
+                                  "patch_dim": 16, "latent_grid": (6, 6)})
+    model = UnifiedModel(mc)
+    b = b_pre
+    params = model.init(jax.random.PRNGKey(1), b["tokens"], b["types"], b["positions"],
+                        b["segment_ids"], b["blocks"], b["patch_pos"],
+                        jnp.zeros(b["patches"].shape), jnp.zeros(b["tokens"].shape))["params"]
+    lc = sp.LossConfig.from_config(c)
+    rng = jax.random.PRNGKey(5)
+    l_pre, _ = sp.loss_fn(params, b_pre, rng, model=model, lc=lc)
+    l_fly, _ = sp.loss_fn(params, sp.encoded(b_fly, fly.params, fly.step_latents), rng,
+                          model=model, lc=lc)
+    np.testing.assert_allclose(float(l_pre), float(l_fly), rtol=1e-4)
+
+
+def test_decoded_image_and_clean_copy(codecs):
+    pre, _ = codecs
+    x = np.random.default_rng(0).standard_normal((36, 16)).astype(np.float32)
+    img, clean = pre.image(x)
+    assert img.shape == (SIZE, SIZE, 3) and img.dtype == np.uint8
+    np.testing.assert_array_equal(clean, x)  # generated latents are fed back as they are
+    px = cd.PixelCodec((36, 36, 3), 6)
+    img, clean = px.image(np.zeros((36, 108), np.float32))
+    assert img.shape == (36, 36, 3) and (img == 128).all()  # round((0 + 1) * 127.5)
+    np.testing.assert_allclose(clean, np.float32(128) / np.float32(127.5) - 1.0, rtol=1e-6)
+
+
+def test_latents_records_travel_with_their_episodes(tmp_path, codecs, episodes):
+    pre, _ = codecs
+    src = [e.to_bytes() for e in episodes] + [b"not an episode"]
+    path = str(tmp_path / "lat" / "train.array_record")
+    assert latents.precompute(src, pre, path, progress=False) == len(src)
+    mtime = (tmp_path / "lat" / "train.array_record").stat().st_mtime_ns
+    assert latents.precompute(src, pre, path, progress=False) == len(src)  # reused
+    assert (tmp_path / "lat" / "train.array_record").stat().st_mtime_ns == mtime
+    with_lat = latents.WithLatents(src, path)
+    e = pipeline.decode_item(with_lat[1], "#1")
+    want = [pre.encode(im[None])[0] for im in episodes[1].images()]
+    assert len(e.latents) == len(want)
+    for a, b in zip(e.latents, want):
+        np.testing.assert_allclose(a, b, atol=5e-4)
+    # The corrupt record has no latents; reading it is a named error, so the pipeline skips it.
+    with pytest.raises(ep.EpisodeError, match="#4"):
+        ep.latents_from_bytes(with_lat[4]["latents"], "#4")
+    with pytest.raises(ValueError, match="latents records"):
+        latents.WithLatents(src[:2], path)
+
+
+def test_a_missing_latent_is_a_named_error(bpe, codecs, episodes):
+    pre, _ = codecs
+    etok = tk.EpisodeTokenizer(bpe, (SIZE, SIZE, 3), 16, codec=pre)
+    e = _with_latents(episodes[0], pre)
+    e.latents = e.latents[:-1]
+    with pytest.raises(ep.EpisodeError, match="precomputed latents for"):
+        etok(e)
+    e.latents = None
+    with pytest.raises(ep.EpisodeError, match="build-data"):
+        etok(e)
+
+
+def test_qwen_style_bpe_round_trips_every_tag(bpe, episodes):
+    assert bpe.vocab_size % 8 == 0
+    for t in TAGS + (tk.END_OF_EPISODE,):
+        ids = bpe.encode(t)
+        assert len(ids) == 1 and bpe.decode(ids) == t, t
+    for e in episodes:
+        for s in e.steps:
+            for text in (s.ins, s.des, s.inspect, s.refine):
+                if text:
+                    assert bpe.decode(bpe.encode(text)) == text
+    etok = tk.EpisodeTokenizer(bpe, (SIZE, SIZE, 3), 16)
+    row = etok(episodes[0])
+    text = bpe.decode(row["tokens"][row["types"] == 0])
+    for t in ("<ins>", "</ins>", "<des>", "</des>", "<inspect>", "</inspect>", "<|endofepisode|>"):
+        assert t in text
+    assert qwen.shapes_bpe().fingerprint() == bpe.fingerprint()  # deterministic training
