@@ -150,7 +150,7 @@ def defaults() -> ml_collections.ConfigDict:
 
     c.vae = None  # the FLUX autoencoder block (AEConfig keys); shapes: identity patchify
     # `train-ae`: the autoencoder trained on the world's pictures (train/autoencoder.py).
-    c.ae_train = dict(steps=3000, batch_size=32, lr=1e-3, seed=0, num_scenes=4000,
+    c.ae_train = dict(steps=1000, batch_size=8, lr=3e-3, seed=0, num_scenes=2000,
                       num_eval=256, kl_weight=0.0)
 
     c.flow = dict(

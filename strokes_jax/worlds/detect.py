@@ -14,7 +14,8 @@ Pipeline:
      objects. Components matching no template well (IoU < `min_score`, e.g. a blur ring
      around an object) are dropped.
 
-Nothing here assumes the grid, the canvas size or where objects sit. Known limits: two
+Nothing here assumes the grid or where objects sit; square images of another size are
+pictures of the canvas (`pictures`) and are read at the canvas size. Known limits: two
 touching objects of the same colour merge into one component (in the shapes world this
 needs size 12 objects in adjacent cells), and objects under ~6 px are too small to tell
 apart by shape.
@@ -27,6 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from strokes_jax.worlds import geneval
+from strokes_jax.worlds import pictures
 from strokes_jax.worlds import shapes
 
 MIN_AREA = 12
@@ -91,8 +93,16 @@ def classify(mask: np.ndarray) -> tuple[str, float]:
 
 def detect(image: np.ndarray, min_area: int = MIN_AREA, min_score: float = MIN_SCORE,
            min_side: int = MIN_SIDE) -> list[geneval.Detection]:
-    """Objects in a uint8 [H, W, 3] image, best score first, then top-to-bottom, left-to-right."""
-    idx = quantize(np.asarray(image))
+    """Objects in a uint8 [H, W, 3] image, best score first, then top-to-bottom, left-to-right.
+
+    A square image of another size (a 96x96 picture, an autoencoder's reconstruction) is a
+    picture of the canvas: it is read at the canvas size (`pictures.to_canvas`), where the
+    pixel thresholds were set, and boxes are in canvas pixels, as the checker's grid expects.
+    Any other image (free placement on a canvas of its own) is read pixel for pixel."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[0] == image.shape[1] != shapes.CANVAS:
+        image = pictures.to_canvas(image)
+    idx = quantize(image)
     lab = label(idx)
     ids, counts = np.unique(lab[lab >= 0], return_counts=True)
     dets = []
