@@ -35,6 +35,8 @@ CONFIG_COMMANDS = {
     "memory": "bytes per device of a training step for --config on --devices N, for each "
               "train.freeze choice, before anything compiles",
     "bench": "time training steps of --config on synthetic batches; JSON into --workdir",
+    "bench-input": "time the real input pipeline of --config batch by batch against its training "
+                   "step; JSON into --workdir",
 }
 OWN_OPTIONS = {
     "convert": "BAGEL-7B-MoT, Qwen2, FLUX AE or SigLIP safetensors -> Orbax params, or parameter counts "
@@ -66,6 +68,9 @@ flags.DEFINE_string("prompts", None, "generate: a prompts file, one per line or 
 flags.DEFINE_enum("mode", "process", ["process", "single", "both"], "generate: how to paint")
 flags.DEFINE_integer("n", 1, "generate: samples per prompt and mode", lower_bound=1)
 flags.DEFINE_string("out", None, "generate: output folder (default <workdir>/generate)")
+# bench-input's own flag.
+flags.DEFINE_string("bound_config", None, "bench-input: a config whose model's step time at the "
+                    "--device's peak (default H100) the input must stay under")
 # memory's own flags.
 flags.DEFINE_integer("devices", 8, "memory: devices the mesh spans", lower_bound=1)
 flags.DEFINE_string("device", None, "memory: h100, h200, a100, v5p, v5e, v6e, v4 or GB per device")
@@ -111,6 +116,16 @@ def main(argv):
         from strokes_jax.train import bench
         out = bench.run(config, config_name, workdir)
         print(json.dumps(out, indent=1))
+        return
+    if cmd == "bench-input":
+        from strokes_jax.model.unified import ModelConfig
+        from strokes_jax.train import input_bench
+        bound = None
+        if FLAGS.bound_config:
+            bound = ModelConfig.from_config(configs.load(FLAGS.bound_config).model.to_dict())
+        out = input_bench.run(config, config_name, workdir, bound_model=bound,
+                              bound_device=FLAGS.device or "H100")
+        print(input_bench.summary(out))
         return
     if cmd == "reproduce":
         from strokes_jax.evaluate import reproduce

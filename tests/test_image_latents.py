@@ -163,3 +163,40 @@ def test_qwen_style_bpe_round_trips_every_tag(bpe, episodes):
     for t in ("<ins>", "</ins>", "<des>", "</des>", "<inspect>", "</inspect>", "<|endofepisode|>"):
         assert t in text
     assert qwen.shapes_bpe().fingerprint() == bpe.fingerprint()  # deterministic training
+
+
+def test_images_of_any_size_take_their_own_token_counts(bpe, codecs):
+    """BAGEL's resize rules in the packer: each image is resized (longest side <= 96, shortest
+    >= 32, multiples of 16; the ViT copy 56 / 28 / 14), and takes as many latent and ViT tokens
+    as its resized grid, with 2-D positions in the 6-wide table; precomputed latents follow
+    the same rules."""
+    from strokes_jax.sequence import images
+    pre, _ = codecs
+    vae_rules = images.ImageRules(96, 32, 16)
+    vit_rules = images.ImageRules(56, 28, 14)
+    rules_codec = cd.AECodec(pre.cfg, pre.params, (SIZE, SIZE, 3), precomputed=True, rules=vae_rules)
+    etok = tk.EpisodeTokenizer(bpe, (SIZE, SIZE, 3), 16, codec=rules_codec, vit_patch=14,
+                               vit_max_side=4, vit_rules=vit_rules)
+    rng = np.random.default_rng(0)
+    sizes = [(96, 96), (40, 120), (200, 60), (33, 47)]
+    steps = [ep.Step(sketch=rng.integers(0, 256, (h, w, 3), dtype=np.uint8), ins="add a thing",
+                     des="a thing", inspect="plan ok ; image ok") for h, w in sizes]
+    e = ep.Episode(id="sizes", prompt="a photo of things", tag="", metadata={}, steps=steps)
+    e.latents = [rules_codec.encode(rules_codec.prepare(s.sketch)[None])[0] for s in steps]
+    row = etok(e)
+    noisy = row["types"] == NOISY
+    starts = np.nonzero(noisy & ~np.roll(noisy, 1))[0]
+    runs = [int(np.argmax(~noisy[s:]) or len(noisy) - s) for s in starts]
+    want = [(a // 16) * (b // 16) for a, b in (vae_rules.dims(h, w) for h, w in sizes)]
+    assert runs == want and len(set(want)) > 1
+    for s, n, (h, w) in zip(starts, runs, sizes):
+        gh, gw = (d // 16 for d in vae_rules.dims(h, w))
+        rr, cc = np.divmod(row["patch_pos"][s:s + n], 6)
+        assert rr.max() == gh - 1 and cc.max() == gw - 1 and len(set(zip(rr, cc))) == n
+    vit = row["types"] == 3
+    want_vit = sum((a // 14) * (b // 14) for a, b in (vit_rules.dims(h, w) for h, w in sizes))
+    assert vit.sum() == want_vit and row["vit_pos"][vit].max() < 16
+    # A latents array of the wrong grid is refused, naming the image.
+    e.latents[2] = e.latents[2][:-1]
+    with pytest.raises(ep.EpisodeError, match="latents of image 2"):
+        etok(e)
