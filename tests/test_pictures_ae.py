@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -142,7 +144,7 @@ def test_load_ae_restores_what_was_trained(tiny):
     assert z.shape == (2, 12, 12, cfg.z_channels)
 
 
-def test_finished_ae_is_reused_and_other_settings_retrain(tiny, monkeypatch, capsys):
+def test_finished_ae_is_reused_and_other_settings_retrain(tiny, monkeypatch):
     config, workdir, report, _ = tiny
 
     def no_training(*a, **k):
@@ -150,10 +152,15 @@ def test_finished_ae_is_reused_and_other_settings_retrain(tiny, monkeypatch, cap
 
     monkeypatch.setattr(ae, "_train", no_training)
     assert ae.train_ae(config, workdir, progress=False) == report
-    assert ae.main(["--config", "shapes_tiny:images,test", "--workdir", workdir, "--quiet",
-                    "--config.ae_train.steps=3", "--config.ae_train.batch_size=2",
-                    "--config.ae_train.num_scenes=8", "--config.ae_train.num_eval=6"]) == 0
-    assert "checker pass rate" in capsys.readouterr().out
+    # The command reuses it too (another process: the report's mtime says nothing retrained).
+    mtime = os.path.getmtime(os.path.join(workdir, ae.REPORT_JSON))
+    r = _train_ae_command("--config", "shapes_tiny:images,test", f"--config.world.ae_path={workdir}",
+                          f"--workdir={os.path.dirname(workdir)}", "--config.ae_train.steps=3",
+                          "--config.ae_train.batch_size=2", "--config.ae_train.num_scenes=8",
+                          "--config.ae_train.num_eval=6")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "checker pass rate" in r.stdout
+    assert os.path.getmtime(os.path.join(workdir, ae.REPORT_JSON)) == mtime
 
     changed = configs.load("shapes_tiny:images,test")
     changed.ae_train.update(steps=4, batch_size=2, num_scenes=8, num_eval=6)
@@ -168,9 +175,15 @@ def test_load_ae_names_a_missing_ae(tmp_path):
         ae.load_ae(str(tmp_path))
 
 
-def test_cli_errors_name_the_config_key(tmp_path, capsys):
-    assert ae.main(["--config", "shapes_tiny", "--workdir", str(tmp_path)]) == 2
-    assert "config key vae" in capsys.readouterr().err
+def _train_ae_command(*args):
+    return subprocess.run([sys.executable, "-m", "strokes_jax", "train-ae", *args],
+                          capture_output=True, text=True)
+
+
+def test_cli_errors_name_the_config_key(tmp_path):
+    r = _train_ae_command("--config", "shapes_tiny", f"--workdir={tmp_path}")
+    assert r.returncode == 2
+    assert "config key vae" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 # The tuned AE (the `vae` / `ae_train` values reported for shapes_tiny:images).

@@ -23,11 +23,9 @@ settings is reused as it is.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
-import sys
 import time
 from typing import Iterator, Mapping, Sequence
 
@@ -36,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from strokes_jax import files
+from strokes_jax.configs.schema import ConfigKeyError
 from strokes_jax.model.vae import AEConfig, AutoEncoder
 
 CONFIG_JSON = "ae_config.json"
@@ -69,7 +68,7 @@ class AETrainConfig:
         names = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(block) - set(names))
         if unknown:
-            raise ValueError(f"config key ae_train.{unknown[0]}: unknown (known: {', '.join(names)})")
+            raise ConfigKeyError(f"config key ae_train.{unknown[0]}: unknown (known: {', '.join(names)})")
         out = cls(**{k: _cast(f"ae_train.{k}", v, type(getattr(cls, k))) for k, v in block.items()})
         out.check()
         return out
@@ -79,12 +78,12 @@ class AETrainConfig:
                          stats_images=1, eval_batch=1, curve_points=1)
         for k, lo in whole_min.items():
             if getattr(self, k) < lo:
-                raise ValueError(f"config key ae_train.{k}: {getattr(self, k)!r} is not a whole number >= {lo}")
+                raise ConfigKeyError(f"config key ae_train.{k}: {getattr(self, k)!r} is not a whole number >= {lo}")
         if not self.lr > 0:
-            raise ValueError(f"config key ae_train.lr: {self.lr!r} is not a number > 0")
+            raise ConfigKeyError(f"config key ae_train.lr: {self.lr!r} is not a number > 0")
         for k in ("kl_weight", "weight_decay", "clip_norm", "end_lr_factor"):
             if getattr(self, k) < 0:
-                raise ValueError(f"config key ae_train.{k}: {getattr(self, k)!r} is not a number >= 0")
+                raise ConfigKeyError(f"config key ae_train.{k}: {getattr(self, k)!r} is not a number >= 0")
 
 
 def _section(config, key: str):
@@ -97,9 +96,9 @@ def _section(config, key: str):
 
 def _cast(key: str, value, typ):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"config key {key}: {value!r} is not a number")
+        raise ConfigKeyError(f"config key {key}: {value!r} is not a number")
     if typ is int and value != int(value):
-        raise ValueError(f"config key {key}: {value!r} is not a whole number")
+        raise ConfigKeyError(f"config key {key}: {value!r} is not a whole number")
     return typ(value)
 
 
@@ -107,17 +106,17 @@ def ae_config(config) -> AEConfig:
     """config.vae (AEConfig keys) as an AEConfig; errors name the key."""
     block = _section(config, "vae")
     if not block:
-        raise ValueError("config key vae: train-ae needs the autoencoder block (AEConfig keys)")
+        raise ConfigKeyError("config key vae: train-ae needs the autoencoder block (AEConfig keys)")
     names = {f.name for f in dataclasses.fields(AEConfig)}
     unknown = sorted(set(block) - names)
     if unknown:
-        raise ValueError(f"config key vae.{unknown[0]}: unknown (known: {', '.join(sorted(names))})")
+        raise ConfigKeyError(f"config key vae.{unknown[0]}: unknown (known: {', '.join(sorted(names))})")
     if "ch_mult" in block:
         block["ch_mult"] = tuple(int(m) for m in block["ch_mult"])
     cfg = AEConfig(**block)
     widths = {cfg.ch * m for m in cfg.ch_mult}
     if any(w % cfg.groups for w in widths):
-        raise ValueError(f"config key vae.groups: {cfg.groups} does not divide every width "
+        raise ConfigKeyError(f"config key vae.groups: {cfg.groups} does not divide every width "
                          f"{sorted(widths)} (vae.ch x vae.ch_mult)")
     return cfg
 
@@ -126,7 +125,7 @@ def image_size(config, cfg: AEConfig) -> int:
     size = int(config.world["image_size"])
     # Latents are grouped 2x2 into tokens downstream (BAGEL's latent_patch_size).
     if size % (2 * cfg.downsample):
-        raise ValueError(f"config key world.image_size: {size} is not a multiple of "
+        raise ConfigKeyError(f"config key world.image_size: {size} is not a multiple of "
                          f"{2 * cfg.downsample} (AE downsample {cfg.downsample} x 2x2 tokens)")
     return size
 
@@ -398,7 +397,7 @@ def load_ae(path: str) -> tuple[AEConfig, dict]:
     return AEConfig(**d), params
 
 
-# -- command line -----------------------------------------------------------------------
+# -- reporting --------------------------------------------------------------------------
 
 
 def summary(report: Mapping) -> str:
@@ -412,29 +411,3 @@ def summary(report: Mapping) -> str:
 
 def _rate(r) -> str:
     return "n/a" if r is None else f"{r:.4f}"
-
-
-def main(argv: Sequence[str], prog: str = "python -m strokes_jax train-ae") -> int:
-    """`--config NAME[:ARG] --workdir DIR [--config.KEY=VALUE ...]` (the arguments after the
-    command's name): trains or reuses the AE, prints a one-line summary."""
-    from strokes_jax import configs, sweeps
-    from strokes_jax.configs import schema
-
-    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False,
-                                     description="train the FLUX-architecture AE on the world's pictures")
-    parser.add_argument("--config", default=configs.DEFAULT, help="NAME[:ARG] or PATH[:ARG]")
-    parser.add_argument("--workdir", required=True, help="the AE's folder (e.g. RUN/ae)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args, extra = parser.parse_known_args(list(argv))
-    overrides = configs.overrides(extra, True, parser.error)
-    try:
-        config = configs.load(args.config)
-        for k, v in overrides.items():
-            sweeps._apply(config, k, v, from_text=True)  # the override semantics of the rest of the CLI
-        schema.check(config)
-        report = train_ae(config, args.workdir, progress=not args.quiet)
-    except (configs.ConfigNotFound, schema.ConfigKeyError, sweeps.SweepError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(summary(report), flush=True)
-    return 0
