@@ -123,21 +123,8 @@ def world_episode(etok, episode):
     """A shapes-canvas episode (the inspection probe's, the checker's re-renders) as the
     world's tokenizer reads it: pictures at its image size, with latents attached when the
     rows take precomputed ones. Episodes already at the world's size pass unchanged."""
-    import dataclasses
-    import numpy as np
-    from strokes_jax.worlds import shapes
-    size = etok.image_shape[0]
-
-    def fit(img):
-        img = np.asarray(img)
-        if img.shape[0] == shapes.CANVAS and size != shapes.CANVAS:
-            from strokes_jax.worlds import pictures
-            return pictures.to_picture(img, size)
-        return img
-    steps = [dataclasses.replace(st, sketch=fit(st.sketch),
-                                 refined=None if st.refined is None else fit(st.refined))
-             for st in episode.steps]
-    out = dataclasses.replace(episode, steps=steps)
+    from strokes_jax.worlds import pictures
+    out = pictures.episode_as_pictures(episode, etok.image_shape[0])
     if etok.latent_input:
         out.latents = [etok.codec.encode(etok.codec.prepare(im)[None])[0] for im in out.images()]
     return out

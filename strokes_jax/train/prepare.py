@@ -182,7 +182,7 @@ def _prepare_pictures(config, workdir: str):
         if os.path.exists(os.path.join(folder, "done")):
             continue
         from strokes_jax.data import pipeline
-        eps = (_as_pictures(pipeline.decode_item(src[i], f"#{i}"), size, pictures.to_picture)
+        eps = (pictures.episode_as_pictures(pipeline.decode_item(src[i], f"#{i}"), size)
                for i in range(len(src)))
         jsonl.write_manifest(eps, folder)
         open(os.path.join(folder, "done"), "w").close()
@@ -195,14 +195,6 @@ def _prepare_pictures(config, workdir: str):
     print(f"data: pictures {summary}", flush=True)
     return ((manifest_builder.data_source(ddir, mcfg, "train"),
              manifest_builder.data_source(ddir, mcfg, "eval")), name)
-
-
-def _as_pictures(e, size: int, to_picture):
-    import dataclasses
-    steps = [dataclasses.replace(st, sketch=to_picture(st.sketch, size),
-                                 refined=None if st.refined is None else to_picture(st.refined, size))
-             for st in e.steps]
-    return dataclasses.replace(e, steps=steps)
 
 
 def _with_latents(config, workdir: str, sources, name: str):

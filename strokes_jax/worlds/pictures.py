@@ -41,3 +41,19 @@ def to_canvas(img: np.ndarray) -> np.ndarray:
     if img.shape[:2] == (shapes.CANVAS, shapes.CANVAS):
         return img
     return _box_resize(img, shapes.CANVAS)
+
+
+def episode_as_pictures(episode, size: int = PICTURE):
+    """The episode with every canvas-sized image (sketches and refined images) as a `size`
+    picture; images of any other size, and the episode itself, are left as they are."""
+    import dataclasses
+
+    def fit(img):
+        img = np.asarray(img)
+        if img.shape[:2] == (shapes.CANVAS, shapes.CANVAS) and size != shapes.CANVAS:
+            return to_picture(img, size)
+        return img
+    steps = [dataclasses.replace(st, sketch=fit(st.sketch),
+                                 refined=None if st.refined is None else fit(st.refined))
+             for st in episode.steps]
+    return dataclasses.replace(episode, steps=steps)
