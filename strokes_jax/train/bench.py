@@ -98,7 +98,7 @@ def run(config, config_name: str, workdir: str) -> dict:
     batch = pipeline.to_global({k: local[k] for k in layout.ROW_FIELDS}, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(shd.rules_tuple(config.rules)):
         t0 = time.time()
-        compiled = train_step.lower(state, batch).compile()
+        compiled = train_step.compile(state, batch)
         compile_s = time.time() - t0
         times = []
         for i in range(b.warmup + b.steps):

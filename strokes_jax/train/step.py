@@ -180,7 +180,8 @@ def jit_steps(model, tx, lc: LossConfig, mesh, state_shardings, *, accum_steps: 
 
 class BoundStep:
     """A jitted step with the codec's parameters bound: step(state, batch), and
-    step.lower(state, batch) for compiled-memory and cost analyses."""
+    step.lower(state, batch) for compiled-memory and cost analyses, and
+    step.compile(state, batch) for a bound ahead-of-time executable."""
 
     def __init__(self, fn, codec_params):
         self.fn, self.codec_params = fn, codec_params
@@ -190,3 +191,7 @@ class BoundStep:
 
     def lower(self, state, batch):
         return self.fn.lower(state, batch, self.codec_params)
+
+    def compile(self, state, batch):
+        """Compiled once ahead of time, still called as step(state, batch)."""
+        return BoundStep(self.lower(state, batch).compile(), self.codec_params)
