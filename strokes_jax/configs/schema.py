@@ -213,6 +213,10 @@ def defaults() -> ml_collections.ConfigDict:
         batch_size=36,  # episodes generated together
         filmstrips=12,  # filmstrips in the report
         iteration_caps=(),  # e.g. (1, 2, 3): also score the process mode under these caps
+        # Error injection (evaluate/injection.py): critique kinds put in at iteration
+        # inject_at of every benchmark prompt, e.g. ("image:color", "text:extra"); (): off.
+        inject_kinds=(),
+        inject_at=0,
         kv_cache=True,  # cached interleaved decoding (same outputs as uncached)
         cfg_text_scale=1.0,  # text CFG scale (BAGEL T2I: 4.0); 1: off
         cfg_img_scale=1.0,  # image CFG scale (the context without images); 1: off
@@ -332,7 +336,7 @@ VALUE_RULES = {
     "optim.lr": _number(0, open_lo=True), "optim.warmup_steps": _whole(0),
     "flow.sample_steps": _whole(1), "eval.batch_size": _whole(1),
     "eval.images_per_prompt": _whole(1), "eval.prompts_per_tag": _whole(0),
-    "eval.hard_prompts": _whole(0),
+    "eval.hard_prompts": _whole(0), "eval.inject_at": _whole(0),
     "eval.max_iterations": _whole(1), "eval.max_text_tokens": _whole(1),
     "self_critique.num_prompts": _whole(1),
     "data.manifest.max_bad_fraction": _number(0, 1), "data.manifest.min_side": _whole(1),

@@ -12,7 +12,7 @@ from clu import metric_writers
 
 from strokes_jax.episodes import self_critique as sc
 from strokes_jax import provenance
-from strokes_jax.evaluate import inspection, inspection_probe, report, shapes_bench
+from strokes_jax.evaluate import injection, inspection, inspection_probe, report, shapes_bench
 from strokes_jax.inference.generator import Generator, SamplingOptions
 
 
@@ -124,6 +124,12 @@ def run(setup, config, workdir: str, config_name: str, train_summary: dict | Non
         results["process"]["inspection_probe"] = inspection_probe.probe(
             setup.model, setup.state.eval_params(), setup.etok, items, config.data.seq_len)
         timings["inspection_probe"] = time.time() - t0
+    plan = injection.Plan.from_config(ec)
+    if plan.kinds and "process" in modes:  # mistakes put in, to see them caught and repaired
+        t0 = time.time()
+        results["process"]["injection"] = injection.run(gen, bench, plan.kinds, plan.at,
+                                                        ec.batch_size, ec.seed)
+        timings["injection"] = time.time() - t0
     # The same (prompt, image) picks in every mode, side by side, every category in turn.
     picks = filmstrip_picks(samples[modes[0]], ec.filmstrips)
     strips = []

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from strokes_jax.evaluate import inspection, inspection_probe, intervals
+from strokes_jax.evaluate import injection, inspection, inspection_probe, intervals
 from strokes_jax.worlds import prompts, shapes
 
 SCALE = 4
@@ -164,6 +164,8 @@ def write(workdir: str, payload: dict, strips: Sequence[tuple[str, str, str, Seq
             for m, r in payload["results"].items() if r.get("inspection")],
           *[f"Inspection, {m}, {inspection_probe.line(r['inspection_probe'])}.\n"
             for m, r in payload["results"].items() if r.get("inspection_probe")],
+          *[f"Inspection, {m}, {injection.line(r['injection'])}.\n"
+            for m, r in payload["results"].items() if r.get("injection")],
           f"Training: {tr.get('params', '?')} parameters, steps {tr.get('start_step', 0)} -> "
           f"{tr.get('end_step', '?')} in {tr.get('train_seconds', 0):.0f}s; "
           f"loss by step: {', '.join(f'{s}:{v:.3f}' for s, v in losses[::max(1, len(losses) // 8)])}.",

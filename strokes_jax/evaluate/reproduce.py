@@ -22,7 +22,7 @@ import os
 import time
 
 from strokes_jax import provenance
-from strokes_jax.evaluate import curve, inspection, inspection_probe, intervals, job, report, shapes_bench
+from strokes_jax.evaluate import curve, injection, inspection, inspection_probe, intervals, job, report, shapes_bench
 from strokes_jax.evaluate.train_images import TrainImages
 from strokes_jax.train import checkpoint as ckpt
 from strokes_jax.train import loop
@@ -234,6 +234,7 @@ def run(config, config_name: str, workdir: str, rows=None) -> dict:
                             "evals_per_sample": res.get("evals_per_sample"),
                             "inspection": res.get("inspection"),
                             "inspection_probe": res.get("inspection_probe"),
+                            "injection": res.get("injection"),
                             # distinct episodes (data + self-critique split), and packed
                             # episodes trained on (this process's steps only on a resume)
                             "episodes": episodes, "episodes_seen": summary.get("episodes_seen"),
@@ -344,6 +345,7 @@ def table(out: dict) -> str:
     insp = [f"- {row}: {inspection.line(r['inspection'])}"
             + (f"; {inspection_probe.line(r['inspection_probe'])}"
                if r.get("inspection_probe") else "")
+            + (f"; {injection.line(r['injection'])}" if r.get("injection") else "")
             for row, r in sorted(out["rows"].items(), key=lambda kv: ROWS.index(kv[0]))
             if r.get("inspection")]
     if insp:  # a false alarm redraws a right canvas; a miss keeps a wrong one

@@ -113,6 +113,7 @@ class Example:
     stream: list = dataclasses.field(default_factory=list)  # ints and images
     rng: np.random.Generator | None = None  # this example's noise
     canvas: np.ndarray | None = None  # latents of its last finished image (model.canvas_skip)
+    forced: list = dataclasses.field(default_factory=list)  # text tokens an Injector imposes
 
 
 @dataclasses.dataclass
@@ -123,6 +124,20 @@ class StepOut:
     logits: np.ndarray | None = None
     velocity: np.ndarray | None = None
     evals: int = 0
+
+
+class Injector(Protocol):
+    """Puts known mistakes into a process episode (evaluate/injection.py): the model then
+    goes on from them, to inspect and refine as it would its own. k counts iterations (the
+    sketch being planned or drawn), from 0."""
+
+    def plan(self, i: int, k: int) -> str | None:
+        """The text of example i's k-th plan segment, from <ins> on, to impose once the model
+        opens that plan; None leaves the model's own."""
+
+    def sketch(self, i: int, k: int, plan: str, img: np.ndarray) -> np.ndarray | None:
+        """A uint8 image to put in place of example i's k-th sketch (drawn for the plan
+        segment text `plan`), or None to keep the model's."""
 
 
 class Backend(Protocol):
@@ -185,7 +200,8 @@ class Generator:
 
     def __call__(self, prompts: Sequence[str], mode: str = "process", *,
                  options: SamplingOptions | None = None, params=None,
-                 rng: np.random.Generator | None = None) -> list[Generated]:
+                 rng: np.random.Generator | None = None,
+                 inject: Injector | None = None) -> list[Generated]:
         if mode not in ("process", "single_pass"):
             raise ValueError(f"unknown generation mode {mode!r}")
         opts = options if options is not None else self.options
@@ -194,7 +210,7 @@ class Generator:
             raise ValueError("Generator: no sampling options or parameters, at construction "
                              "or in the call")
         call_seed = int((self._rng if rng is None else rng).integers(2 ** 63))
-        call = _Call(self, opts, mode)
+        call = _Call(self, opts, mode, inject)
         self.backend.begin(len(prompts), opts, call.ts)
         try:
             exs = call.run(prompts, params, call_seed)
@@ -226,8 +242,9 @@ class Generator:
 class _Call:
     """The state machine of one call: its options, its flow schedule, its examples."""
 
-    def __init__(self, gen: Generator, opts: SamplingOptions, mode: str):
-        self.gen, self.opts, self.mode = gen, opts, mode
+    def __init__(self, gen: Generator, opts: SamplingOptions, mode: str,
+                 inject: Injector | None = None):
+        self.gen, self.opts, self.mode, self.inject = gen, opts, mode, inject
         self.backend, self.etok, self.tok = gen.backend, gen.etok, gen.tok
         self.ts = flow.schedule(opts.flow_steps, opts.shift)
 
@@ -273,6 +290,9 @@ class _Call:
     # -- decisions -----------------------------------------------------------------------
     def _decode(self, i, ex, logits):
         t, opts, g = self.tok, self.opts, self.gen
+        if ex.forced:  # the backend still ran its call; an imposed plan ignores it
+            self._open(i, ex, ex.forced.pop(0))
+            return
         capped = ex.sketches >= opts.max_iterations
         if ex.in_segment:
             allowed = g.in_text.copy()
@@ -295,6 +315,14 @@ class _Call:
                 allowed[:] = False
                 allowed[t.end_of_episode] = True
         token = pick_token(logits, allowed, opts.text_temperature, ex.rng)
+        if (self.inject is not None and ex.in_segment and ex.seg_tokens == 0
+                and token == t.ids["<ins>"]):
+            text = self.inject.plan(i, ex.sketches)
+            if text is not None:
+                ids = t.encode(text, f"injected plan of example {i}")
+                if not ids or ids[0] != token:
+                    raise ValueError(f"injected plan {text!r} does not start with <ins>")
+                ex.forced = ids[1:] + [t.im_end]
         self._open(i, ex, token)
 
     def _open(self, i, ex, token):
@@ -330,6 +358,11 @@ class _Call:
         # The codec (model/codec.py) gives the picture and the clean copy: pixels quantised
         # as training packs them, or AE latents kept as they are with the decoded picture.
         img, clean = self.etok.codec.image(ex.x)
+        last, _ = self._last_segment(ex)
+        if self.inject is not None and last == "plan":
+            new = self.inject.sketch(i, ex.sketches, self._segment_text(ex), img)
+            if new is not None:
+                img, clean = np.asarray(new, np.uint8), self.etok.codec.clean(new)
         ex.canvas = clean
         ex.block += 1
         try:
@@ -346,7 +379,6 @@ class _Call:
             ex.mode, ex.hit_cap = "done", True
             return
         ex.stream.append(img)
-        last, _ = self._last_segment(ex)
         if last in ("plan", "prompt"):  # a refined image is not a new iteration
             ex.sketches += 1
         ex.mode = "text"
@@ -363,6 +395,15 @@ class _Call:
             self._put(i, ex, self.tok.pad_id, VIT, ex.block, vpatch=vp[j], vpos=int(vpos[j]))
         self._put(i, ex, self.tok.vision_end, TEXT, ex.block)
         ex.pos += 1
+
+    def _segment_text(self, ex) -> str:
+        """The text of the most recent segment, without its <|im_start|> / <|im_end|>."""
+        t, seg = self.tok, []
+        for s in reversed(ex.stream):
+            if isinstance(s, np.ndarray) or s == t.im_start:
+                break
+            seg.append(s)
+        return self.tok.decode([s for s in reversed(seg) if s != t.im_end])
 
     def _last_segment(self, ex) -> tuple[str, bool]:
         """Kind of the most recent text segment ('prompt' | 'plan' | 'inspect' | 'refine' |

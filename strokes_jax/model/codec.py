@@ -99,6 +99,11 @@ class AECodec:
         h, w, _ = self.image_shape
         return self.decode(np.asarray(x)[None], (h, w))[0], np.asarray(x, np.float32)
 
+    def clean(self, img: np.ndarray) -> np.ndarray:
+        """A uint8 image -> the clean copy's latent tokens (an image put in from outside the
+        model, as error injection does)."""
+        return self.encode(self.prepare(img)[None])[0]
+
     # -- inside the jitted step -------------------------------------------------------
     def step_latents(self, params, batch):
         """Pixel-patch rows -> latent-token rows, inside the step. The tokens of one image copy

@@ -148,6 +148,10 @@ class PixelCodec:
         h, w, c = self.image_shape
         return unpatchify(px, (h, w), self.patch, c), px.astype(np.float32) / 127.5 - 1.0
 
+    def clean(self, img: np.ndarray) -> np.ndarray:
+        """A uint8 image -> the clean copy's tokens, as image() gives them for a drawn one."""
+        return patchify(np.asarray(img), self.patch).astype(np.float32) / 127.5 - 1.0
+
     def fingerprint(self) -> str:
         return f"pixels:{self.patch}"
 
