@@ -29,6 +29,8 @@ CONFIG_COMMANDS = {
     "evaluate": "load the newest checkpoint in --workdir, generate both ways, score, report",
     "self-critique": "sample the trained model, inspect its steps with the exact checker, "
                      "write critique episodes",
+    "inject": "load the newest checkpoint in --workdir, put known mistakes into its process "
+              "episodes (eval.inject_kinds at eval.inject_at), report caught / repaired / final",
     "reproduce": "the ablation ladder (single-pass ... full method), one table",
     "generate": "paint --prompt / --prompts with the newest checkpoint in --workdir: images, "
                 "trajectory text and a filmstrip per sample",
@@ -136,6 +138,13 @@ def main(argv):
         setup, _ = loop.restore_for_eval(config, workdir, FLAGS.allow_config_change)
         stats = job.self_critique(setup, config, workdir)
         print(json.dumps(stats, indent=1))
+        return
+    if cmd == "inject":
+        from strokes_jax.evaluate import injection
+        setup, record = loop.restore_for_eval(config, workdir, FLAGS.allow_config_change)
+        out = injection.command(setup, config, workdir, config_name, record.get("end_step"))
+        print(injection.table(out))
+        print(injection.line(out))
         return
     if cmd == "memory":
         from strokes_jax.train import memory

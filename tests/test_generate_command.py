@@ -104,3 +104,14 @@ def test_generate_command_on_a_trained_workdir(tmp_path):
                        capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("error: record --prompt 1: unknown token")
+    # The same workdir under error injection: every prompt is either injected or counted
+    # with the reason it could not be.
+    r = subprocess.run(base + ["inject"] + cfg + ["--config.eval.inject_kinds=('image:missing','text:extra')",
+                                                 "--config.eval.prompts_per_tag=1"],
+                       capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.load(open(os.path.join(w, "injection", "injection.json")))
+    assert set(out["kinds"]) == {"image:missing", "text:extra"} and out["prompts"] == 6
+    for k in out["kinds"].values():
+        assert k["injected"] + sum(k["not_injected"].values()) == 6
+    assert "injected mistakes:" in r.stdout and "| image:missing |" in r.stdout

@@ -166,9 +166,10 @@ def outcome(kind: str, at: int, prompt: prompts.Prompt, result, what: dict | Non
 
 
 def run(generator, bench: Sequence[prompts.Prompt], kinds: Sequence[str], at: int,
-        batch_size: int, seed: int) -> dict:
+        batch_size: int, seed: int, on_result=None) -> dict:
     """Baseline and injected generation of every prompt, per kind; returns the summary
-    (rates per kind, with the baseline's accuracy on the same prompts) and the rows."""
+    (rates per kind, with the baseline's accuracy on the same prompts) and the rows.
+    on_result(row, generated) sees every injected episode (for filmstrips)."""
     check_kinds(kinds)
     rows, base_rows = [], []
     for b in range(0, len(bench), batch_size):
@@ -189,6 +190,8 @@ def run(generator, bench: Sequence[prompts.Prompt], kinds: Sequence[str], at: in
                     row.update(outcome(kind, at, p, r, inj.what[i]))
                     row["extra_nfe"] = row["nfe"] - br["nfe"]
                     row["injected"] = {k: _words(v) for k, v in inj.what[i].items()}
+                    if on_result is not None:
+                        on_result(row, r)
                 rows.append(row)
     return {"at": at, "kinds": summarize(rows, base_rows), "rows": rows,
             "baseline": {"correct": float(np.mean([r["correct"] for r in base_rows])),
@@ -265,3 +268,60 @@ class Plan:
         if isinstance(kinds, str):
             kinds = tuple(k for k in kinds.split(",") if k)
         return cls(check_kinds(tuple(kinds)), int(ec.get("inject_at", 0)))
+
+
+def command(setup, config, workdir: str, config_name: str, step: int) -> dict:
+    """The `inject` command: every kind of eval.inject_kinds (empty: all seven) at
+    eval.inject_at, on the benchmark prompts; writes <workdir>/injection/injection.json and
+    filmstrips of up to eval.filmstrips caught-and-repaired episodes, one kind in turn."""
+    import json
+    import os
+    import time
+
+    from strokes_jax import provenance
+    from strokes_jax.evaluate import job, report
+
+    ec = config.eval
+    plan = Plan.from_config(ec)
+    kinds = plan.kinds or KINDS
+    out_dir = os.path.join(workdir, "injection")
+    os.makedirs(out_dir, exist_ok=True)
+    repaired: dict[str, list] = collections.defaultdict(list)
+
+    def keep(row, result):
+        if row["caught"] and row["repaired"]:
+            repaired[row["kind"]].append((row, result))
+
+    gen = job.make_generator(setup, config, ec.seed)
+    bench = shapes_bench.config_prompts(ec)
+    t0 = time.time()
+    res = run(gen, bench, kinds, plan.at, ec.batch_size, ec.seed, on_result=keep)
+    strips = []
+    for n in range(int(ec.filmstrips)):
+        for kind in kinds:
+            if len(strips) < int(ec.filmstrips) and n < len(repaired[kind]):
+                row, r = repaired[kind][n]
+                name = f"{len(strips):02d}_{kind.replace(':', '_')}.png"
+                report.filmstrip(r.prompt, r.text, r.images, os.path.join(out_dir, name),
+                                 title=f"{kind} put in at iteration {plan.at}: caught, repaired")
+                strips.append(name)
+    payload = {"commit": provenance.git_commit(), "device": provenance.device_info(),
+               "config_name": config_name, "checkpoint_step": step,
+               "prompts": len(bench), "seconds": time.time() - t0, "filmstrips": strips,
+               "sides": side_summary(res), **res}
+    with open(os.path.join(out_dir, "injection.json"), "w") as f:
+        json.dump(payload, f, indent=1)
+    return payload
+
+
+def table(payload: dict) -> str:
+    """Per kind: injected, caught, repaired, final accuracy [95%], baseline, extra NFE."""
+    pct = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    lines = [f"| kind (at iteration {payload['at']}) | injected | caught | repaired | final "
+             "| baseline | extra NFE |", "|---|---|---|---|---|---|---|"]
+    for kind, k in payload["kinds"].items():
+        final = intervals.fmt(k["correct"], k.get("correct_interval"))
+        nfe = "-" if k["extra_nfe"] is None else f"{k['extra_nfe']:+.1f}"
+        lines.append(f"| {kind} | {k['injected']} | {pct(k['caught'])} | {pct(k['repaired'])} "
+                     f"| {final} | {pct(k.get('baseline_correct'))} | {nfe} |")
+    return "\n".join(lines)
