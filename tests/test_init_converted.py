@@ -157,3 +157,51 @@ def test_a_freeze_entry_that_matches_nothing_is_named():
         st.freeze_labels(params, ("visoin",))
     assert st.freeze_labels(params, ("decoder/.*",)) == {"embed": "train",
                                                          "decoder": {"q_und": {"kernel": "frozen"}}}
+
+
+def _part(folder, tree, kind):
+    """A converter's output folder (output.py's layout): params/ as an Orbax checkpoint of
+    numpy arrays, conversion.json naming its kind."""
+    import orbax.checkpoint as ocp
+    os.makedirs(folder)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(folder, "params"), tree)
+    ckptr.wait_until_finished()
+    with open(os.path.join(folder, "conversion.json"), "w") as f:
+        json.dump({"kind": kind}, f)
+    return folder
+
+
+def test_parts_side_by_side_fill_what_they_hold_and_leave_the_rest(converted, tmp_path, capsys):
+    """A Qwen2 decoder and another part, as BAGEL started: what they hold is read in, what
+    neither holds (here llm2vae) keeps the fresh initialisation, and it is said which."""
+    out, _, _ = converted
+    full = bagel.load_converted(out)["model"]
+    text_keys = ("embed", "lm_head", "decoder")
+    text = _part(str(tmp_path / "qwen2"), {"model": {k: full[k] for k in text_keys}}, "qwen2")
+    rest = {k: v for k, v in full.items() if k not in text_keys + ("llm2vae",)}
+    other = _part(str(tmp_path / "other"), {"model": rest}, "siglip")
+    c = distributed_driver.config(**distributed_driver.BAGEL_SHAPED,
+                                  **{"train.init_converted": f"{text}, {other}", "mesh.shape": (1, 1, 1)})
+    s = loop.setup(c, devices=jax.devices()[:1])
+    init = _leaves(s.state.params)
+    loop._init_from(s, c)
+    got, conv = _leaves(s.state.params), _leaves(full)
+    fresh = [k for k in got if k.startswith("llm2vae/")]
+    assert fresh and len(conv) == len(got)
+    for k in got:
+        np.testing.assert_array_equal(got[k], init[k] if k in fresh else conv[k], err_msg=k)
+    assert any(not np.array_equal(init[k], conv[k]) for k in got if k not in fresh)
+    said = capsys.readouterr().out
+    assert f"{len(fresh)} parameters no part holds keep their initialisation: llm2vae/" in said
+
+    # Two parts that hold the same parameter: which one wins would be a guess.
+    again = _part(str(tmp_path / "again"), {"model": {"embed": full["embed"]}}, "qwen2")
+    c.train.init_converted = f"{text},{again}"
+    with pytest.raises(init_weights.WeightsMismatch, match=r"both hold 1 parameters: embed"):
+        loop._init_from(loop.setup(c, devices=jax.devices()[:1]), c)
+    # A whole conversion (convert bagel's kind) that lacks parameters is still refused.
+    short = _part(str(tmp_path / "short"), {"model": {k: full[k] for k in text_keys}}, "bagel")
+    c.train.init_converted = short
+    with pytest.raises(init_weights.WeightsMismatch, match=r"missing \d+: llm2vae/bias"):
+        loop._init_from(loop.setup(c, devices=jax.devices()[:1]), c)

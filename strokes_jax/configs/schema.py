@@ -184,7 +184,9 @@ def defaults() -> ml_collections.ConfigDict:
         accum_steps=1,  # gradient accumulation: micro-batches per step
         init_from="",  # a workdir whose newest params start this run (phase 2)
         # A `python -m strokes_jax convert` output folder whose weights start this run (read
-        # straight into the sharded state; every mismatch with the model is named).
+        # straight into the sharded state; every mismatch with the model is named), or
+        # several comma-separated parts (qwen2, siglip, flux-ae): what no part holds keeps
+        # its initialisation, and the run says which parameters those are.
         init_converted="",
         # Parameters not trained: group names (vit, vision, und, gen, embeddings; see
         # train/state.py) or regular expressions over '/'-joined parameter paths.

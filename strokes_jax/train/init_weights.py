@@ -1,4 +1,5 @@
-"""Starting a run from converted weights (`python -m strokes_jax convert ...` output).
+"""Starting a run from converted weights (`python -m strokes_jax convert ...` output): one
+whole conversion, or several parts (a Qwen2 decoder, a SigLIP ViT, a FLUX AE) side by side.
 
 The converted params are read straight into the train state's shardings: Orbax (tensorstore)
 reads only the slices each process's devices hold, so no process makes a full host copy of a
@@ -45,7 +46,7 @@ def shapes_by_path(tree) -> dict[str, tuple]:
     return {st.param_path(p): tuple(x.shape) for p, x in leaves}
 
 
-def _listing(names) -> str:
+def listing(names) -> str:
     names = sorted(names)
     more = f" and {len(names) - _SHOWN} more" if len(names) > _SHOWN else ""
     return ", ".join(names[:_SHOWN]) + more
@@ -58,9 +59,9 @@ def compare(saved: dict[str, tuple], wanted: dict[str, tuple], where: str) -> No
     shaped = {k for k in set(saved) & set(wanted) if saved[k] != wanted[k]}
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)}: {_listing(missing)}")
+        problems.append(f"missing {len(missing)}: {listing(missing)}")
     if unexpected:
-        problems.append(f"unexpected {len(unexpected)}: {_listing(unexpected)}")
+        problems.append(f"unexpected {len(unexpected)}: {listing(unexpected)}")
     if shaped:
         shown = [f"{k} {saved[k]} (model {wanted[k]})" for k in sorted(shaped)[:_SHOWN]]
         more = f" and {len(shaped) - _SHOWN} more" if len(shaped) > _SHOWN else ""
@@ -89,24 +90,94 @@ def check_numerics(conversion: dict, model_cfg: dict, where: str, key: str) -> N
                               + "; ".join(bad))
 
 
-def restore(path: str, params, shardings, model_cfg: dict, key: str = "train.init_converted"):
-    """The converted model params, placed on `shardings` and cast to the dtypes of `params`
-    (the state's, possibly abstract). The converted AE, when present, is not read."""
+# conversion.json kinds that hold the whole model; every other kind (qwen2, siglip,
+# flux-ae) is a part, and what no part holds keeps its initialisation.
+WHOLE = ("bagel",)
+
+
+def converted_paths(value) -> list[str]:
+    """train.init_converted as folders: one path, comma-separated paths, or a tuple."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(p).strip() for p in items if str(p).strip()]
+
+
+def _conversion(d: str) -> dict:
+    conv = os.path.join(os.path.dirname(d), "conversion.json")
+    if not os.path.isfile(conv):
+        return {}
+    with open(conv) as f:
+        return json.load(f)
+
+
+def holding(paths, part: str) -> str | None:
+    """The first conversion folder of `paths` whose params hold top-level `part` ('vae')."""
+    import orbax.checkpoint as ocp
+    for path in converted_paths(paths):
+        d = params_dir(path, "train.init_converted")
+        meta = ocp.StandardCheckpointer().metadata(d).item_metadata
+        if part in (meta.tree if hasattr(meta, "tree") else meta):
+            return path
+    return None
+
+
+def _unflat(flat: dict) -> dict:
+    out: dict = {}
+    for k, v in flat.items():
+        node = out
+        *parents, leaf = k.split("/")
+        for q in parents:
+            node = node.setdefault(q, {})
+        node[leaf] = v
+    return out
+
+
+def restore(path, params, shardings, model_cfg: dict, key: str = "train.init_converted"):
+    """The model params from one conversion or several parts (`converted_paths`), placed on
+    `shardings` and cast to the dtypes of `params`; returns (params, the paths no part held,
+    which keep their values in `params`). A whole conversion (`convert bagel`) must cover the
+    model; parts may leave some of it (BAGEL started from Qwen2 with fresh generation heads),
+    but may not overlap. A converted AE is not read here."""
     import orbax.checkpoint as ocp
 
-    d = params_dir(path, key)
-    meta = ocp.StandardCheckpointer().metadata(d).item_metadata
-    tree = meta.tree if hasattr(meta, "tree") else meta
-    model_tree = tree.get("model", tree) if isinstance(tree, dict) else tree
-    compare(shapes_by_path(model_tree), shapes_by_path(params), d)
-    conv = os.path.join(os.path.dirname(d), "conversion.json")
-    if os.path.isfile(conv):
-        with open(conv) as f:
-            check_numerics(json.load(f).get("model", {}), model_cfg, conv, key)
-    target = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
-    item = {"model": target} if "model" in tree else target
-    out = ocp.PyTreeCheckpointer().restore(d, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=True))
-    return out["model"] if "model" in tree else out
+    wanted = shapes_by_path(params)
+    owner: dict[str, str] = {}
+    reads, whole = [], False
+    for p in converted_paths(path):
+        d = params_dir(p, key)
+        meta = ocp.StandardCheckpointer().metadata(d).item_metadata
+        tree = meta.tree if hasattr(meta, "tree") else meta
+        wrapped = isinstance(tree, dict) and "model" in tree
+        if isinstance(tree, dict) and not wrapped and "vae" in tree:
+            continue  # an AE alone: world.ae_path reads it (train/inputs.py)
+        saved = shapes_by_path(tree["model"] if wrapped else tree)
+        conversion = _conversion(d)
+        is_whole = conversion.get("kind", "bagel") in WHOLE
+        whole |= is_whole
+        compare(saved, {k: v for k, v in wanted.items() if is_whole or k in saved}, d)
+        both = sorted(k for k in saved if k in owner)
+        if both:
+            raise WeightsMismatch(f"config key {key}: {d} and {owner[both[0]]} both hold "
+                                  f"{len(both)} parameters: {listing(both)}")
+        owner.update({k: d for k in saved})
+        check_numerics(conversion.get("model", {}), model_cfg, d, key)
+        reads.append((d, wrapped, sorted(saved)))
+    if not reads:
+        raise WeightsMismatch(f"config key {key}: {path} holds no model parameters")
+    missing = set(wanted) - set(owner)
+    if whole and missing:
+        compare(owner, wanted, ", ".join(d for d, _, _ in reads))
+    flat_params = {st.param_path(q): x for q, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat_shard = {st.param_path(q): x for q, x in jax.tree_util.tree_flatten_with_path(shardings)[0]}
+    out = dict(flat_params)
+    for d, wrapped, names in reads:
+        target = _unflat({k: jax.ShapeDtypeStruct(flat_params[k].shape, flat_params[k].dtype,
+                                                  sharding=flat_shard[k]) for k in names})
+        item = {"model": target} if wrapped else target
+        got = ocp.PyTreeCheckpointer().restore(d, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True))
+        got = got["model"] if wrapped else got
+        out.update({st.param_path(q): x for q, x in jax.tree_util.tree_flatten_with_path(got)[0]})
+    treedef = jax.tree_util.tree_structure(params)
+    order = [st.param_path(q) for q, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    return jax.tree_util.tree_unflatten(treedef, [out[k] for k in order]), sorted(missing)

@@ -100,11 +100,14 @@ def resolve_paths(config, workdir: str) -> None:
     conversion that train.init_converted names (BAGEL's ae.safetensors is in it), else
     <workdir>/ae (where the shapes world trains its own). The 'bagel' world with no
     world.tokenizer reads the tokenizer.json `convert bagel` copied next to the weights."""
-    w, conv = config.world, config.train.init_converted
+    from strokes_jax.train import init_weights
+    w, conv = config.world, init_weights.converted_paths(config.train.init_converted)
     if w["latents"] == "ae" and not w["ae_path"]:
-        w["ae_path"] = conv or os.path.join(workdir, "ae")
+        w["ae_path"] = (conv and (init_weights.holding(conv, "vae") or conv[0])
+                        or os.path.join(workdir, "ae"))
     if w["name"] == "bagel" and not w["tokenizer"] and conv:
-        w["tokenizer"] = os.path.join(conv, "tokenizer.json")
+        found = [c for c in conv if os.path.isfile(os.path.join(c, "tokenizer.json"))]
+        w["tokenizer"] = os.path.join((found or conv)[0], "tokenizer.json")
 
 
 def vit_packing(config) -> dict:

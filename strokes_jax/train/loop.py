@@ -201,11 +201,14 @@ def _init_from(s: Setup, config) -> None:
         raise ValueError("config keys train.init_from and train.init_converted: set one, "
                          "not both")
     if conv:
-        params = init_weights.restore(conv, s.state.params, s.shardings.params,
-                                      dataclasses.asdict(s.model.cfg))
+        params, fresh = init_weights.restore(conv, s.state.params, s.shardings.params,
+                                             dataclasses.asdict(s.model.cfg))
         s.state = s.state.replace(params=params,
                                   ema_params=_ema_copy(s.state, params))
         logging.info("initialised from converted weights %s", conv)
+        if fresh:  # parts leave these (the generation heads, after a Qwen2 start) as initialised
+            print(f"train.init_converted: {len(fresh)} parameters no part holds keep their "
+                  f"initialisation: {init_weights.listing(fresh)}", flush=True)
         return
     if not src:
         return
