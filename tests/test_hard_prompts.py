@@ -79,3 +79,37 @@ def test_hard_prompts_make_training_episodes(kind):
     for i in range(4):
         e = mixer.make_one(5, i, {kind: 1.0}, tags=(H,))
         assert e.tag == H
+
+
+def test_data_hard_max_objects_adds_the_category_to_training_and_stays_within_the_rows():
+    from strokes_jax.data import shapes_builder
+    fits = shapes_builder.fits_within(512, 6)
+    eps = list(mixer.generate_episodes(3, 7 * 8, {"additive": 0.5, "critique": 0.5}, fits=fits,
+                                       hard_max_objects=4))
+    hard = [e for e in eps if e.tag == H]
+    assert len(hard) == 8 and {e.tag for e in eps} == set(shapes.TAGS) | {H}
+    assert {len(checker_scene(e)) for e in hard} <= {3, 4} and all(fits(e) for e in eps)
+    # Without the key the stream is the one it always was.
+    plain = list(mixer.generate_episodes(3, 12, {"additive": 1.0}))
+    assert [e.prompt for e in plain] == [e.prompt for e in mixer.generate_episodes(3, 12, {"additive": 1.0},
+                                                                                   hard_max_objects=0)]
+
+
+def checker_scene(e):
+    from strokes_jax.worlds import checker
+    return checker.drawn_scene(e.final_image())
+
+
+def test_a_hard_bound_the_rows_cannot_hold_is_refused_before_any_data():
+    from strokes_jax.configs import schema, shapes_tiny
+    from strokes_jax.train import prepare
+    c = shapes_tiny.get_config()
+    c.data.hard_max_objects = 6
+    with pytest.raises(schema.ConfigKeyError, match=r"config key data.hard_max_objects: episode .* "
+                                                    r"does not fit data.seq_len"):
+        prepare.data_config(c)
+    c.data.hard_max_objects = 4
+    assert prepare.data_config(c).hard_max_objects == 4 and "_h4" in prepare.data_config(c).name
+    c.data.hard_max_objects = 2
+    with pytest.raises(schema.ConfigKeyError, match="data.hard_max_objects"):
+        schema.check(c)

@@ -109,6 +109,10 @@ def defaults() -> ml_collections.ConfigDict:
         # Episode kinds and their weights: single_pass, additive, edit, critique. Single-pass
         # episodes let one model also serve as its own single-pass baseline.
         mix=dict(single_pass=0.2, additive=0.8),
+        # > 0: training prompts also come from the hard split's category, with 3 to this many
+        # objects (at seq_len 512 a 4-object episode fits, a 5-object one does not); the
+        # evaluation's hard split goes to 6, so its largest prompts are never trained on.
+        hard_max_objects=0,
         seq_len=512,  # tokens per packed row
         batch_size=8,  # global rows per step (split over data x fsdp devices)
         max_skip_fraction=0.01,  # stop when more than this share of records is bad
@@ -212,6 +216,7 @@ def defaults() -> ml_collections.ConfigDict:
         images_per_prompt=1,
         max_iterations=5,  # cap on plan/sketch/inspect iterations per episode
         max_text_tokens=48,  # cap per text segment
+        max_len=0,  # generation context in tokens; 0: data.seq_len (a 6-object episode needs ~720)
         batch_size=36,  # episodes generated together
         filmstrips=12,  # filmstrips in the report
         iteration_caps=(),  # e.g. (1, 2, 3): also score the process mode under these caps
@@ -338,7 +343,9 @@ VALUE_RULES = {
     "optim.lr": _number(0, open_lo=True), "optim.warmup_steps": _whole(0),
     "flow.sample_steps": _whole(1), "eval.batch_size": _whole(1),
     "eval.images_per_prompt": _whole(1), "eval.prompts_per_tag": _whole(0),
-    "eval.hard_prompts": _whole(0), "eval.inject_at": _whole(0),
+    "eval.hard_prompts": _whole(0), "eval.inject_at": _whole(0), "eval.max_len": _whole(0),
+    "data.hard_max_objects": (lambda v: isinstance(v, int) and not isinstance(v, bool)
+                              and (v == 0 or 3 <= v <= 6), "0 (off) or 3 to 6 objects"),
     "eval.max_iterations": _whole(1), "eval.max_text_tokens": _whole(1),
     "self_critique.num_prompts": _whole(1),
     "data.manifest.max_bad_fraction": _number(0, 1), "data.manifest.min_side": _whole(1),

@@ -66,11 +66,13 @@ class ShapesConfig(tfds.core.BuilderConfig):
     patch: int = 6  # the model's patch size, which sets the tokens per image
     # How text is counted for max_tokens: "" words, "bpe" (sequence/qwen.py) or a tokenizer.json.
     tokenizer: str = ""
+    hard_max_objects: int = 0  # > 0: the `hard` category joins the prompts, up to this size
 
     def params(self) -> dict:
         return {"seed": self.seed, "num_train": self.num_train, "num_eval": self.num_eval,
                 "mix": {k: float(v) for k, v in sorted(self.mix.items())},
                 "source": self.source,
+                **({"hard_max_objects": self.hard_max_objects} if self.hard_max_objects else {}),
                 **({"tokenizer": os.path.basename(self.tokenizer)} if self.tokenizer else {})}
 
 
@@ -127,7 +129,9 @@ class ShapesEpisodes(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         fn = resolve_source(cfg.source)
         count = 0
-        kwargs = {"fits": _fits(cfg.max_tokens, cfg.patch, cfg.tokenizer)} if cfg.max_tokens else {}
+        kwargs = {"fits": fits_within(cfg.max_tokens, cfg.patch, cfg.tokenizer)} if cfg.max_tokens else {}
+        if cfg.hard_max_objects:
+            kwargs["hard_max_objects"] = cfg.hard_max_objects
         for i, episode in enumerate(fn(seed=split_seed(cfg.seed, split), num=num,
                                        mix=dict(cfg.mix), **kwargs)):
             # Keys fix the on-disk order (shuffling is disabled), so they follow generation.
@@ -138,7 +142,7 @@ class ShapesEpisodes(tfds.core.GeneratorBasedBuilder):
                              f"asked for {num}")
 
 
-def _fits(max_tokens: int, patch: int, tokenizer: str = "") -> Callable[[ep.Episode], bool]:
+def fits_within(max_tokens: int, patch: int, tokenizer: str = "") -> Callable[[ep.Episode], bool]:
     from strokes_jax.sequence import qwen
     from strokes_jax.sequence import tokenizer as tk
     from strokes_jax.worlds import shapes

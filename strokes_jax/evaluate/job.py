@@ -36,7 +36,8 @@ def make_generator(setup, config, seed: int = 0, *, bind_params: bool = True) ->
         from strokes_jax.inference.kv_cache import KVCacheBackend as backend
     else:
         from strokes_jax.inference.uncached import UncachedBackend as backend
-    return Generator(backend(setup.model, setup.etok, max_len=config.data.seq_len),
+    max_len = int(config.eval.get("max_len", 0)) or config.data.seq_len
+    return Generator(backend(setup.model, setup.etok, max_len=max_len),
                      setup.state.eval_params() if bind_params else None,
                      options=sampling_options(config), seed=seed)
 

@@ -25,6 +25,7 @@ def data_config(config) -> shapes_builder.ShapesConfig:
     mix = dict(d.mix)
     tag = "_".join(f"{k}{v:g}" for k, v in sorted(mix.items()))
     patch = int(w["patch"])
+    hard = int(d.get("hard_max_objects", 0))
     if d.source == "pictures":
         from strokes_jax.worlds import shapes
         per_side = int(w["image_size"]) // patch
@@ -40,11 +41,26 @@ def data_config(config) -> shapes_builder.ShapesConfig:
             raise FileNotFoundError(f"config key world.tokenizer: {text} not found")
         suffix = "tok" + manifest_builder.file_sha256(text)[:10]
         text = os.path.abspath(text)
+    if hard:
+        _check_hard_fits(d, patch, text, hard)
     return shapes_builder.ShapesConfig(
         name=(f"s{d.seed}_n{d.num_train}_{d.num_eval}_L{d.seq_len}_p{patch}_{tag}"
-              + (f"_{suffix}" if suffix else "")).replace(".", "p"),
+              + (f"_h{hard}" if hard else "") + (f"_{suffix}" if suffix else "")).replace(".", "p"),
         seed=d.seed, num_train=d.num_train, num_eval=d.num_eval, mix=mix, max_tokens=d.seq_len,
-        patch=patch, tokenizer=text)
+        patch=patch, tokenizer=text, hard_max_objects=hard)
+
+
+def _check_hard_fits(d, patch: int, text: str, hard: int) -> None:
+    """Before any data is written: do the first hard prompts' episodes fit data.seq_len? (The
+    builder checks every episode; this fails in a second instead of part way through.)"""
+    from strokes_jax.episodes import mixer
+    fits = shapes_builder.fits_within(d.seq_len, patch, text)
+    try:
+        for _ in mixer.generate_episodes(d.seed, 8 * 7, {"additive": 1.0}, fits=fits,
+                                         hard_max_objects=hard):
+            pass
+    except mixer.HardPromptTooLong as e:
+        raise schema.ConfigKeyError(str(e)) from None
 
 
 def data_dir(config, workdir: str) -> str:
