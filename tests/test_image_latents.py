@@ -200,3 +200,34 @@ def test_images_of_any_size_take_their_own_token_counts(bpe, codecs):
     e.latents[2] = e.latents[2][:-1]
     with pytest.raises(ep.EpisodeError, match="latents of image 2"):
         etok(e)
+
+
+def test_latents_record_format_round_trips_and_names_a_truncated_record():
+    import io
+    import threading
+    arrays = [np.random.default_rng(i).normal(size=(36, 16)).astype(np.float32) for i in range(3)]
+    data = ep.latents_to_bytes(arrays)
+    for a, b in zip(ep.latents_from_bytes(data), arrays):
+        np.testing.assert_array_equal(a, b)
+    buf = io.BytesIO()  # the .npz that earlier versions wrote still reads
+    np.savez(buf, *arrays)
+    for a, b in zip(ep.latents_from_bytes(buf.getvalue()), arrays):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ep.EpisodeError, match=r"record #9: unreadable precomputed latents"):
+        ep.latents_from_bytes(data[:-5], "#9")
+    # Reader threads decode at once, as Grain's do; none may fail.
+    errors = []
+
+    def read():
+        try:
+            for _ in range(300):
+                ep.latents_from_bytes(data)
+                ep.latents_from_bytes(buf.getvalue())
+        except Exception as e:  # noqa: BLE001  (collected, then reported)
+            errors.append(e)
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:1]

@@ -18,6 +18,7 @@ import io
 import json
 import re
 import struct
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -224,12 +225,20 @@ def _split_images(blob: np.ndarray, shapes: list[tuple[int, ...]], count: int,
 _TAG_RE = re.compile(r"<\|?/?[a-z_]+\|?>")
 
 
+_LATENTS_MAGIC = b"SJLAT1\n"
+_NPZ = threading.Lock()
+
+
 def latents_to_bytes(arrays) -> bytes:
-    """An episode's precomputed latents (one float32 array per image) as an uncompressed
-    .npz, the record format of data/latents.py."""
-    buf = io.BytesIO()
-    np.savez(buf, *[np.asarray(a, np.float32) for a in arrays])
-    return buf.getvalue()
+    """An episode's precomputed latents (one float32 array per image), the record format of
+    data/latents.py: a magic, a JSON list of shapes, then the little-endian float32 data.
+    Not .npz: numpy parses an .npy header with ast.literal_eval, which CPython before 3.11.8
+    can fail on ("AST constructor recursion depth mismatch") when Grain's reader threads call
+    it at once, and a record would be skipped as corrupt for nothing."""
+    arrays = [np.ascontiguousarray(a, "<f4") for a in arrays]
+    header = json.dumps([list(a.shape) for a in arrays]).encode()
+    return (_LATENTS_MAGIC + struct.pack("<I", len(header)) + header
+            + b"".join(a.tobytes() for a in arrays))
 
 
 def latents_from_bytes(data, record: str = "?") -> list[np.ndarray]:
@@ -238,9 +247,22 @@ def latents_from_bytes(data, record: str = "?") -> list[np.ndarray]:
     if not data:
         raise EpisodeError(f"record {record}: no precomputed latents (the record did not "
                            "decode when they were written)")
+    data = bytes(data)
     try:
-        with np.load(io.BytesIO(bytes(data))) as z:
-            return [z[f"arr_{i}"] for i in range(len(z.files))]
+        if not data.startswith(_LATENTS_MAGIC):  # .npz, as earlier versions wrote them
+            with _NPZ, np.load(io.BytesIO(data)) as z:
+                return [z[f"arr_{i}"] for i in range(len(z.files))]
+        start = len(_LATENTS_MAGIC) + 4
+        (n,) = struct.unpack("<I", data[len(_LATENTS_MAGIC):start])
+        shapes = json.loads(data[start:start + n])
+        offset, out = start + n, []
+        for shape in shapes:
+            count = int(np.prod(shape))
+            out.append(np.frombuffer(data, "<f4", count, offset).reshape(shape))
+            offset += 4 * count
+        if offset != len(data):
+            raise ValueError(f"{len(data) - offset} bytes after {len(shapes)} arrays")
+        return out
     except Exception as e:
         raise EpisodeError(f"record {record}: unreadable precomputed latents "
                            f"({type(e).__name__}: {e})") from None
