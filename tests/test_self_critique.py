@@ -97,3 +97,34 @@ def test_context_only_sketches_carry_no_flow_loss_and_round_trip():
     back = ep.Episode.from_bytes(out.to_bytes())
     assert [s.sketch_target for s in back.steps] == [False] * len(out.steps)
     assert back.to_bytes() == out.to_bytes()
+
+
+def _negative_image(seed):
+    p, scene, e = _trace("color_attr", seed)
+    first = scene[0]
+    e.steps[0].sketch = shapes.render((first.replace(color=next(c for c in shapes.COLORS
+                                                               if c != first.color)),))
+    return sc.critique_trace(_gen(e, p), p, f"n{seed}")[0]
+
+
+def _negative_plan(seed):
+    p, scene, e = _trace("colors", seed)
+    (obj,) = scene
+    wrong = obj.replace(color=next(c for c in shapes.COLORS if c != obj.color))
+    e.steps[0] = ep.Step(sketch=shapes.render((wrong,)), ins=f"add {grammar.obj_words(wrong)}",
+                         des=grammar.describe((wrong,)), inspect="plan ok ; image ok")
+    return sc.critique_trace(_gen(e, p), p, f"t{seed}")[0]
+
+
+def test_balance_bounds_the_positive_share_and_reports_the_sides():
+    pos = [sc.critique_trace(_gen(e, p), p, f"p{i}")[0]
+           for i, (p, _, e) in enumerate(_trace("color_attr", s) for s in range(10))]
+    neg = [_negative_image(1), _negative_image(3), _negative_plan(2)]
+    assert [sc.side(e) for e in neg] == ["image", "image", "plan"] and sc.side(pos[0]) == "positive"
+    mixed = pos[:5] + neg + pos[5:]
+    kept, made_up = sc.balance(mixed, 0.5)
+    assert made_up == {"positive": 3, "negative_plan": 1, "negative_image": 2, "positives_dropped": 7}
+    assert [e.id for e in kept] == [e.id for e in pos[:3] + neg]  # the earliest positives, in order
+    everything, made_up = sc.balance(mixed, 1.0)
+    assert len(everything) == 13 and made_up["positives_dropped"] == 0
+    assert sc.balance(pos, 0.5)[0] == []  # no negatives: no positives either, and it says so

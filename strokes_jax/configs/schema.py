@@ -236,6 +236,10 @@ def defaults() -> ml_collections.ConfigDict:
         seed=77,  # training prompts sampled
         num_prompts=240,
         text_temperature=0.0,  # > 0 samples the traces' text instead of greedy decoding
+        rollouts=1,  # traces sampled per prompt, each with its own noise
+        # Positives kept at most this share of the split (1.0: all); a well-drawing model
+        # yields almost only positives, which teaches the inspection to say "ok".
+        max_positive_fraction=1.0,
     )
 
     # `reproduce`: the ablation ladder (configs/shapes_repro.py sets the rows' mixes).
@@ -347,7 +351,8 @@ VALUE_RULES = {
     "data.hard_max_objects": (lambda v: isinstance(v, int) and not isinstance(v, bool)
                               and (v == 0 or 3 <= v <= 6), "0 (off) or 3 to 6 objects"),
     "eval.max_iterations": _whole(1), "eval.max_text_tokens": _whole(1),
-    "self_critique.num_prompts": _whole(1),
+    "self_critique.num_prompts": _whole(1), "self_critique.rollouts": _whole(1),
+    "self_critique.max_positive_fraction": _number(0, 1, open_lo=True),
     "data.manifest.max_bad_fraction": _number(0, 1), "data.manifest.min_side": _whole(1),
     "data.manifest.max_text_chars": _whole(1), "data.manifest.max_steps": _whole(1),
     "data.parquet.max_bad_fraction": _number(0, 1), "data.parquet.min_side": _whole(1),

@@ -111,6 +111,36 @@ def critiques(generated: Iterable[tuple[Generated, prompts.Prompt]], id_prefix: 
     return out, dict(counts)
 
 
+def side(e: ep.Episode) -> str:
+    """'positive', or the side of a negative episode's critique: 'plan' or 'image'."""
+    from strokes_jax.episodes import critique
+    kinds = [critique.critique_kind(s) for s in e.steps if s.refine is not None]
+    if not kinds:
+        return "positive"
+    return "image" if kinds[0].startswith("image:") else "plan"
+
+
+def balance(episodes: Sequence[ep.Episode], max_positive_fraction: float
+            ) -> tuple[list[ep.Episode], dict]:
+    """The split with positives cut to at most `max_positive_fraction` of what is kept (the
+    earliest kept, so a rerun keeps the same ones), and its make-up by side. A model that
+    draws well yields almost only positives, and a split of 98% "ok" teaches the inspection
+    to say "ok"; this bounds that, at the price of fewer episodes."""
+    by = collections.defaultdict(list)
+    for e in episodes:
+        by[side(e)].append(e)
+    negatives = len(by["plan"]) + len(by["image"])
+    keep_pos = len(by["positive"])
+    if max_positive_fraction < 1.0:
+        keep_pos = min(keep_pos, int(max_positive_fraction * negatives
+                                     / (1.0 - max_positive_fraction)))
+    kept = set(id(e) for e in by["positive"][:keep_pos])
+    out = [e for e in episodes if side(e) != "positive" or id(e) in kept]
+    made_up = {"positive": keep_pos, "negative_plan": len(by["plan"]),
+               "negative_image": len(by["image"]), "positives_dropped": len(by["positive"]) - keep_pos}
+    return out, made_up
+
+
 def training_prompts(seed: int, num: int) -> list[prompts.Prompt]:
     """Prompts drawn like the training data's (tags cycled), from their own seed."""
     return [prompts.sample_prompt(mixer.episode_rng(seed, i), shapes.TAGS[i % len(shapes.TAGS)])

@@ -60,14 +60,19 @@ def self_critique(setup, config, workdir: str) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.time()
     prompts = sc.training_prompts(c.seed, c.num_prompts)
+    rollouts = int(c.get("rollouts", 1))
     gen = make_generator(setup, config, c.seed)
     options = dataclasses.replace(gen.options, text_temperature=float(c.text_temperature))
-    episodes, counts = sc.sample_and_critique(gen, prompts, config.eval.batch_size,
+    # Each rollout of a prompt draws its own noise (the generator's stream moves on).
+    episodes, counts = sc.sample_and_critique(gen, prompts * rollouts, config.eval.batch_size,
                                               f"self{c.seed}", options=options)
+    episodes, made_up = sc.balance(episodes, float(c.get("max_positive_fraction", 1.0)))
     path = os.path.join(out_dir, "episodes.array_record")
     sc.write_array_record(episodes, path)
-    stats = {"path": path, "episodes": len(episodes), "outcomes": counts,
-             "prompts": len(prompts), "text_temperature": options.text_temperature,
+    stats = {"path": path, "episodes": len(episodes), "outcomes": counts, "split": made_up,
+             "prompts": len(prompts), "rollouts": rollouts,
+             "text_temperature": options.text_temperature,
+             "max_positive_fraction": float(c.get("max_positive_fraction", 1.0)),
              "seconds": time.time() - t0}
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)

@@ -216,6 +216,7 @@ def run(config, config_name: str, workdir: str, rows=None) -> dict:
             _, summary, payload = _train_eval(c, rowdir, modes, f"{config_name}:{row}")
             episodes = c.data.num_train + crit["episodes"]
             out["self_critique_outcomes"] = crit["outcomes"]
+            out["self_critique_split"] = crit["split"]
             summary = dict(summary, episodes_seen=summary.get("episodes_seen", 0)
                            + p1_summary.get("episodes_seen", 0),
                            phase1_start_step=p1_summary.get("start_step", 0))
