@@ -10,6 +10,10 @@ Variants (combine with commas):
          the planned object.
   quick  1000 steps per row with a smaller evaluation and no 2x single-pass run
   test   unit-test sizes
+  repair the measurement of repair (with `long`): the hard category in training up to 4
+         objects and in the evaluation up to 6 (30 prompts), mistakes of every kind injected
+         at the second iteration of every benchmark prompt, and a self-critique split from
+         sampled text, two rollouts per prompt, at most half positives
 With no variant: 1000 steps per row and a 2000-step (2x) single-pass run.
 `--config.reproduce.rows="('single_pass','self_critique')"` runs the claim's two rows only.
 """
@@ -25,7 +29,7 @@ MIXES = dict(
 
 
 def get_config(arg: str | None = None):
-    opts = schema.parse_arg(arg, long=False, quick=False, test=False)
+    opts = schema.parse_arg(arg, long=False, quick=False, test=False, repair=False)
     c = shapes_tiny.get_config("test" if opts.test else None)
     c.reproduce.mixes = MIXES
     if opts.test:
@@ -50,4 +54,15 @@ def get_config(arg: str | None = None):
     if opts.long:
         c.train.steps = 2000
         c.reproduce.single_pass_multiples = ()  # keeps the reference at about 2 hours
+    if opts.repair:
+        _repair(c)
     return c
+
+
+def _repair(c) -> None:
+    from strokes_jax.episodes import critique
+    c.data.hard_max_objects = 4
+    # A 6-object episode is ~720 tokens, and its critique adds a refine.
+    c.eval.update(hard_prompts=30, max_len=1024, max_iterations=7,
+                  inject_kinds=critique.KINDS, inject_at=1)
+    c.self_critique.update(text_temperature=1.0, rollouts=2, max_positive_fraction=0.5)

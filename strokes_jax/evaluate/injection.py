@@ -293,7 +293,7 @@ def command(setup, config, workdir: str, config_name: str, step: int) -> dict:
             repaired[row["kind"]].append((row, result))
 
     gen = job.make_generator(setup, config, ec.seed)
-    bench = shapes_bench.config_prompts(ec)
+    bench = [p for p in shapes_bench.config_prompts(ec) if p.tag != shapes_bench.HARD]
     t0 = time.time()
     res = run(gen, bench, kinds, plan.at, ec.batch_size, ec.seed, on_result=keep)
     strips = []
