@@ -11,7 +11,8 @@ import re
 
 CAPACITIES = ("on-demand", "spot", "reserved", "best-effort")
 # The commands of `python -m strokes_jax` that make sense as a job on a slice.
-JOB_COMMANDS = ("train", "demo", "evaluate", "build-data", "bench", "reproduce", "self-critique", "generate")
+JOB_COMMANDS = ("train", "demo", "evaluate", "build-data", "bench", "reproduce", "self-critique", "generate",
+                "inject")
 
 
 class PodError(ValueError):
