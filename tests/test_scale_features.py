@@ -210,6 +210,11 @@ def test_bench_writes_json(tmp_path):
         assert k in rec, k
     assert rec["step_time_s"] > 0 and rec["tokens_per_s"] > 0 and np.isfinite(rec["final_loss"])
     assert rec["mfu"] is None  # CPU: no peak in the table, so no invented MFU
+    conv = {k: v["tflop_per_step"] for k, v in rec["mfu_conventions"].items()}
+    assert conv["ours"] == pytest.approx(rec["model_tflop_per_step"])
+    assert conv["needed"] < conv["maxtext"] < conv["ours"]
+    assert all(v["mfu"] is None for v in rec["mfu_conventions"].values())
+    assert rec["xla_tflop_per_step_per_device"] > 0 and rec["xla_over_model"] > 0
 
 
 def _valid(batch):

@@ -67,6 +67,32 @@ def synthetic_batch(rows: int, seq_len: int, vocab: int, patch_dim: int, num_pat
     return cols
 
 
+def _conventions(mc, local: dict, global_batch: int, L: int) -> dict:
+    """flops.conventions for the timed batch: its mask's kept pairs and its heads' tokens,
+    counted on this process's rows and scaled to the global batch."""
+    from strokes_jax.model import attention
+    rows = local["tokens"].shape[0]
+    pairs = sum(int(np.asarray(attention.generalized_causal_mask(
+        local["segment_ids"][r:r + 1], local["blocks"][r:r + 1], local["types"][r:r + 1])).sum())
+        for r in range(rows))
+    scale = global_batch / rows
+    return fl.conventions(mc, global_batch, L, visible_pairs=int(pairs * scale),
+                          text_targets=int((local["targets"] > 0).sum() * scale),
+                          noisy_tokens=int((local["types"] == NOISY).sum() * scale))
+
+
+def _xla_flops(compiled) -> float | None:
+    """XLA's FLOP count of the compiled per-device program (None where the backend has none)."""
+    try:
+        ca = compiled.fn.cost_analysis()
+    except Exception:  # noqa: BLE001  (an analysis some backends do not offer)
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    flops = (ca or {}).get("flops")
+    return float(flops) if flops else None
+
+
 def peak_memory() -> dict:
     stats = jax.local_devices()[0].memory_stats() or {}
     out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -113,6 +139,8 @@ def run(config, config_name: str, workdir: str) -> dict:
     dev = provenance.device_info()
     peak = fl.peak_tflops(dev["device_kind"])
     model_tflops = f.model / step_s / n_dev / 1e12
+    conv = _conventions(mc, local, config.data.batch_size, L)
+    xla = _xla_flops(compiled)
     out = {
         "config": config_name, "commit": provenance.git_commit(), "device": dev,
         "mesh": dict(mesh.shape), "dtype": mc.decoder.dtype, "remat": mc.decoder.remat,
@@ -127,6 +155,13 @@ def run(config, config_name: str, workdir: str) -> dict:
         "model_tflops_per_device": model_tflops,
         "executed_tflops_per_device": f.executed / step_s / n_dev / 1e12,
         "peak_tflops_per_device": peak, "mfu": (model_tflops / peak) if peak else None,
+        # The same step in three FLOP conventions (flops.conventions), and XLA's own count
+        # of the compiled per-device program.
+        "mfu_conventions": {k: {"tflop_per_step": v / 1e12,
+                                "mfu": v / step_s / n_dev / 1e12 / peak if peak else None}
+                            for k, v in conv.items()},
+        "xla_tflop_per_step_per_device": None if xla is None else xla / 1e12,
+        "xla_over_model": None if xla is None else xla * n_dev / f.model,
         "compile_s": compile_s, "init_s": init_s, "sharded_ratio": ratio,
         "final_loss": float(metrics["loss"]), **peak_memory(),
     }

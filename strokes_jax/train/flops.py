@@ -52,25 +52,50 @@ def block_matmul_flops_per_token(cfg: ModelConfig) -> float:
     return 2.0 * d.depth * (qkv + o + mlp)
 
 
-def forward_flops(cfg: ModelConfig, batch: int, seq_len: int, vit_tokens: int = 0) -> StepFlops:
-    """Forward FLOPs for `batch` rows of `seq_len` positions (vit_tokens ViT positions in all)."""
+def _parts(cfg: ModelConfig, batch: int, seq_len: int, vit_tokens: int = 0) -> dict[str, float]:
+    """Forward FLOPs by part, for `batch` rows of `seq_len` positions."""
     d = cfg.decoder
     tokens = batch * seq_len
-    blocks = block_matmul_flops_per_token(cfg) * tokens
-    # Dense attention over the whole row: QK^T and AV, every layer.
-    attn = 2.0 * 2.0 * d.depth * batch * seq_len * seq_len * d.heads * d.head_dim
-    heads = 2.0 * tokens * d.width * (cfg.vocab_size + cfg.patch_dim)  # lm_head + llm2vae
-    inputs = 2.0 * tokens * (d.width * cfg.patch_dim + 256 * d.width + d.width * d.width)
     vit = 0.0
     if cfg.vision is not None and vit_tokens:
         v = cfg.vision
         per_layer = 4 * v.width * v.width + 2 * v.width * v.mlp
         vit = 2.0 * vit_tokens * (v.depth * per_layer + v.patch * v.patch * v.channels * v.width
                                   + v.width * d.width + d.width * d.width)
-    model = blocks + attn + heads + inputs + vit
-    return StepFlops(model=model, executed=model + blocks)
+    return {
+        "blocks": block_matmul_flops_per_token(cfg) * tokens,
+        # Dense attention over the whole row: QK^T and AV, every layer.
+        "attention": 2.0 * 2.0 * d.depth * batch * seq_len * seq_len * d.heads * d.head_dim,
+        "heads": 2.0 * tokens * d.width * (cfg.vocab_size + cfg.patch_dim),  # lm_head + llm2vae
+        "inputs": 2.0 * tokens * (d.width * cfg.patch_dim + 256 * d.width + d.width * d.width),
+        "vit": vit,
+    }
+
+
+def forward_flops(cfg: ModelConfig, batch: int, seq_len: int, vit_tokens: int = 0) -> StepFlops:
+    """Forward FLOPs for `batch` rows of `seq_len` positions (vit_tokens ViT positions in all)."""
+    p = _parts(cfg, batch, seq_len, vit_tokens)
+    model = sum(p.values())
+    return StepFlops(model=model, executed=model + p["blocks"])
 
 
 def train_step_flops(cfg: ModelConfig, batch: int, seq_len: int, vit_tokens: int = 0) -> StepFlops:
     f = forward_flops(cfg, batch, seq_len, vit_tokens)
     return StepFlops(3.0 * f.model, 3.0 * f.executed)
+
+
+def conventions(cfg: ModelConfig, batch: int, seq_len: int, *, visible_pairs: int,
+                text_targets: int, noisy_tokens: int, vit_tokens: int = 0) -> dict[str, float]:
+    """Training-step model FLOPs in three conventions, so a reader can compare with any peer:
+      ours     every (query, key) pair of the row attended, both heads on every token
+      maxtext  MaxText's: attention halved, as for a causal mask
+      needed   what the mask and the data need: the (query, key) pairs the mask keeps, the
+               lm_head on tokens with a text target, the velocity head on noisy tokens.
+    All count one expert per token (the MoT's routing), and x3 for training."""
+    d = cfg.decoder
+    p = _parts(cfg, batch, seq_len, vit_tokens)
+    ours = sum(p.values())
+    needed = dict(p, attention=2.0 * 2.0 * d.depth * visible_pairs * d.heads * d.head_dim,
+                  heads=2.0 * d.width * (text_targets * cfg.vocab_size + noisy_tokens * cfg.patch_dim))
+    return {"ours": 3.0 * ours, "maxtext": 3.0 * (ours - 0.5 * p["attention"]),
+            "needed": 3.0 * sum(needed.values())}
