@@ -131,8 +131,11 @@ class AECodec:
         return jnp.where(is_img[..., None], out, 0.0)
 
     def fingerprint(self) -> str:
-        """Names the latents this AE writes: its config and a hash of its parameters."""
-        hsh = hashlib.sha256(repr(self.cfg).encode())
-        for leaf in jax.tree_util.tree_leaves(self.params):
-            hsh.update(np.asarray(leaf).tobytes())
-        return f"ae-{hsh.hexdigest()[:12]}"
+        """Names the latents this AE writes: its config and a hash of its parameters (computed
+        once: the parameters of a codec do not change, and a BAGEL AE is 330 MB to hash)."""
+        if getattr(self, "_fingerprint", None) is None:
+            hsh = hashlib.sha256(repr(self.cfg).encode())
+            for leaf in jax.tree_util.tree_leaves(self.params):
+                hsh.update(np.asarray(leaf).tobytes())
+            self._fingerprint = f"ae-{hsh.hexdigest()[:12]}"
+        return self._fingerprint

@@ -16,6 +16,8 @@ path a converted BAGEL runs, without downloading Qwen's vocabulary.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import os
 from typing import Sequence
@@ -92,10 +94,12 @@ def train_bpe(texts, vocab_size: int = 512, pad_to: int = 8) -> QwenTokenizer:
     return QwenTokenizer(tok)
 
 
+@functools.lru_cache(maxsize=1)
 def shapes_bpe() -> QwenTokenizer:
     """The shapes world's text through a Qwen2-style BPE: trained on every word of the
     grammar and on the text of a fixed set of episodes of every kind, so merges follow the
-    world's real word frequencies."""
+    world's real word frequencies. Trained once per process (it is deterministic); callers
+    share the instance and must not change it."""
     from strokes_jax.episodes import mixer
     from strokes_jax.worlds import grammar
     texts = [" ".join(grammar.vocabulary())]
