@@ -36,6 +36,7 @@ def test_plan_agrees_with_xla(name, seq_len, remat, scan, freeze):
     state = p.params + p.ema + p.optimizer + p.batch
     assert abs(state - m["arguments"]) < 0.02 * m["arguments"], (state, m)
     assert 0.8 < p.total / m["peak"] < 1.2, (p, m)
+    assert m["xla_flops"] > 0  # XLA's count of the same compiled step, for the FLOP accounting
 
 
 def test_freezing_removes_optimizer_state_and_gradients():

@@ -188,10 +188,12 @@ def compiled(config, mc: ModelConfig, devices=None) -> dict:
     batch = {k: jax.ShapeDtypeStruct(local[k].shape, local[k].dtype, sharding=bs)
              for k in layout.ROW_FIELDS}
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        m = train_step.lower(abstract, batch).compile().memory_analysis()
+        exe = train_step.compile(abstract, batch)
+    m = exe.fn.memory_analysis()
     return {"arguments": float(m.argument_size_in_bytes), "outputs": float(m.output_size_in_bytes),
             "temp": float(m.temp_size_in_bytes), "alias": float(m.alias_size_in_bytes),
-            "peak": float(m.argument_size_in_bytes + m.temp_size_in_bytes)}
+            "peak": float(m.argument_size_in_bytes + m.temp_size_in_bytes),
+            "xla_flops": bench._xla_flops(exe)}
 
 
 def model_config_of(config) -> ModelConfig:
@@ -241,4 +243,9 @@ def report(config, devices: int, device: str | None = None, with_compile: bool =
         lines.append(f"XLA ({jax.devices()[0].platform} compile, memory_analysis) for the first "
                      f"row: arguments {m['arguments'] / GB:.2f}G + temp {m['temp'] / GB:.2f}G = "
                      f"{m['peak'] / GB:.2f}G (the plan: {plans[0].total / GB:.2f}G)")
+        if m["xla_flops"]:
+            from strokes_jax.train import flops as fl
+            model = fl.train_step_flops(mc, config.data.batch_size, config.data.seq_len).model
+            lines.append(f"XLA's FLOPs of the compiled step, per device: {m['xla_flops'] / 1e12:.2f}T, "
+                         f"{m['xla_flops'] * devices / model:.2f}x the analytic model FLOPs")
     return "\n".join(lines)
