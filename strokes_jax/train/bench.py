@@ -162,6 +162,7 @@ def run(config, config_name: str, workdir: str) -> dict:
                             for k, v in conv.items()},
         "xla_tflop_per_step_per_device": None if xla is None else xla / 1e12,
         "xla_over_model": None if xla is None else xla * n_dev / f.model,
+        "xla_counts_loop_body_once": bool(mc.decoder.scan_layers),  # a scanned stack: one layer
         "compile_s": compile_s, "init_s": init_s, "sharded_ratio": ratio,
         "final_loss": float(metrics["loss"]), **peak_memory(),
     }

@@ -247,5 +247,7 @@ def report(config, devices: int, device: str | None = None, with_compile: bool =
             from strokes_jax.train import flops as fl
             model = fl.train_step_flops(mc, config.data.batch_size, config.data.seq_len).model
             lines.append(f"XLA's FLOPs of the compiled step, per device: {m['xla_flops'] / 1e12:.2f}T, "
-                         f"{m['xla_flops'] * devices / model:.2f}x the analytic model FLOPs")
+                         f"{m['xla_flops'] * devices / model:.2f}x the analytic model FLOPs"
+                         + (" (XLA counts a scanned loop's body once: compare with "
+                            "--config.model.scan_layers=False)" if d.scan_layers else ""))
     return "\n".join(lines)
