@@ -70,9 +70,13 @@ flags.DEFINE_string("prompts", None, "generate: a prompts file, one per line or 
 flags.DEFINE_enum("mode", "process", ["process", "single", "both"], "generate: how to paint")
 flags.DEFINE_integer("n", 1, "generate: samples per prompt and mode", lower_bound=1)
 flags.DEFINE_string("out", None, "generate: output folder (default <workdir>/generate)")
-# bench-input's own flag.
+# bench-input's own flags.
 flags.DEFINE_string("bound_config", None, "bench-input: a config whose model's step time at the "
                     "--device's peak (default H100) the input must stay under")
+flags.DEFINE_integer("input_batches", 20, "bench-input: batches timed", lower_bound=1)
+flags.DEFINE_integer("input_steps", 5, "bench-input: training steps of --config's model timed on "
+                     "those batches (0: none, for rows this machine cannot train on; use "
+                     "--bound_config)", lower_bound=0)
 # memory's own flags.
 flags.DEFINE_integer("devices", 8, "memory: devices the mesh spans", lower_bound=1)
 flags.DEFINE_string("device", None, "memory: h100, h200, a100, v5p, v5e, v6e, v4 or GB per device")
@@ -125,7 +129,8 @@ def main(argv):
         bound = None
         if FLAGS.bound_config:
             bound = ModelConfig.from_config(configs.load(FLAGS.bound_config).model.to_dict())
-        out = input_bench.run(config, config_name, workdir, bound_model=bound,
+        out = input_bench.run(config, config_name, workdir, batches=FLAGS.input_batches,
+                              steps=FLAGS.input_steps, bound_model=bound,
                               bound_device=FLAGS.device or "H100")
         print(input_bench.summary(out))
         return

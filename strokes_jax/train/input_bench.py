@@ -49,20 +49,9 @@ def run(config, config_name: str, workdir: str, batches: int = 20, steps: int = 
     it = loop.train_iterator(config, s.etok, train_src, skips)
     _timed(it, 1)  # threads, caches and the first read
     host, input_secs = _timed(it, batches)
-    lc = sp.LossConfig.from_config(config)
-    train_step, _ = sp.jit_steps(routing.sparse(s.model, tuple(config.train.sparse_routing)),
-                                 s.tx, lc, s.mesh, s.shardings, codec=s.etok.codec)
-    step_secs = []
-    with jax.set_mesh(s.mesh), nn.logical_axis_rules(shd.rules_tuple(config.rules)):
-        t0 = time.perf_counter()
-        s.state, m = train_step(s.state, loop._batch(host[0], s.mesh))
-        jax.block_until_ready(m)
-        compile_s = time.perf_counter() - t0
-        for b in host[1:steps + 1]:
-            t0 = time.perf_counter()
-            s.state, m = train_step(s.state, loop._batch(b, s.mesh))
-            jax.block_until_ready(m)
-            step_secs.append(time.perf_counter() - t0)
+    step_secs, compile_s = [], None
+    if steps:
+        step_secs, compile_s = _step_times(config, s, host, steps)
     d = config.data
     tokens = [int((b["segment_ids"] > 0).sum()) for b in host]
     out = {
@@ -89,6 +78,26 @@ def run(config, config_name: str, workdir: str, batches: int = 20, steps: int = 
     files.write_json(path, out)
     out["path"] = path
     return out
+
+
+def _step_times(config, s, host: list[dict], steps: int) -> tuple[list[float], float]:
+    """Seconds per training step of the config's model on the timed batches, and the first
+    (compiling) step's."""
+    lc = sp.LossConfig.from_config(config)
+    train_step, _ = sp.jit_steps(routing.sparse(s.model, tuple(config.train.sparse_routing)),
+                                 s.tx, lc, s.mesh, s.shardings, codec=s.etok.codec)
+    step_secs = []
+    with jax.set_mesh(s.mesh), nn.logical_axis_rules(shd.rules_tuple(config.rules)):
+        t0 = time.perf_counter()
+        s.state, m = train_step(s.state, loop._batch(host[0], s.mesh))
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t0
+        for b in host[1:steps + 1]:
+            t0 = time.perf_counter()
+            s.state, m = train_step(s.state, loop._batch(b, s.mesh))
+            jax.block_until_ready(m)
+            step_secs.append(time.perf_counter() - t0)
+    return step_secs, compile_s
 
 
 def summary(out: dict) -> str:
