@@ -3,7 +3,7 @@
 Config commands take `--workdir DIR`, `--config NAME[:ARG]` (a packaged config such as
 `shapes_repro:long`, or a path) and per-key overrides `--config.optim.lr=3e-4`; unknown
 keys fail before anything compiles. `convert`, `checkpoints`, `sweep`, `pod`, `geneval`,
-`wise`, `bench-generate` and `bench-convert` have options of their own (`COMMAND --help`).
+`wise`, `bench-generate`, `bench-convert` and `bench-int8` have options of their own (`COMMAND --help`).
 """
 
 from __future__ import annotations
@@ -45,6 +45,8 @@ OWN_OPTIONS = {
                "(convert --help)",
     "bench-generate": "time cached vs uncached generation on a shapes model; JSON",
     "bench-convert": "peak host memory of `convert bagel` on a synthetic checkpoint; JSON",
+    "bench-int8": "device memory of one generation call with bf16 weights and with int8 expert kernels "
+                  "(bench-int8 --help)",
     "checkpoints": "verify every checkpoint step of --workdir against its checksums (checkpoints --help)",
     "sweep": "run a config's declared sweep (resumable) or gather its results table (sweep --help)",
     "pod": "TPU pod slices through gcloud: create, run a job on every worker, follow, reattach, delete "
@@ -147,7 +149,7 @@ def main(argv):
     if cmd == "inject":
         from strokes_jax.evaluate import injection
         setup, record = loop.restore_for_eval(config, workdir, FLAGS.allow_config_change)
-        out = injection.command(setup, config, workdir, config_name, record.get("end_step"))
+        out = job.inject(setup, config, workdir, config_name, record.get("end_step"))
         print(injection.table(out))
         print(injection.line(out))
         return
@@ -321,6 +323,9 @@ def run(argv=None):
     if cmd == "bench-convert":
         from strokes_jax.convert import memory_bench
         sys.exit(memory_bench.main(rest, prog=prog))
+    if cmd == "bench-int8":
+        from strokes_jax.inference import int8_memory
+        sys.exit(int8_memory.main(rest, prog=prog))
     if any(a in ("-h", "--help", "--helpfull") for a in rest):
         print(f"{prog}: {CONFIG_COMMANDS[cmd]}\n\noptions:\n  --workdir DIR\n"
               f"  --config NAME[:ARG] | PATH[:ARG]   packaged: {', '.join(configs.NAMES)}\n"

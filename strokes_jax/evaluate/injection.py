@@ -270,50 +270,6 @@ class Plan:
         return cls(check_kinds(tuple(kinds)), int(ec.get("inject_at", 0)))
 
 
-def command(setup, config, workdir: str, config_name: str, step: int) -> dict:
-    """The `inject` command: every kind of eval.inject_kinds (empty: all seven) at
-    eval.inject_at, on the benchmark prompts; writes <workdir>/injection/injection.json and
-    filmstrips of up to eval.filmstrips caught-and-repaired episodes, one kind in turn."""
-    import json
-    import os
-    import time
-
-    from strokes_jax import provenance
-    from strokes_jax.evaluate import job, report
-
-    ec = config.eval
-    plan = Plan.from_config(ec)
-    kinds = plan.kinds or KINDS
-    out_dir = os.path.join(workdir, "injection")
-    os.makedirs(out_dir, exist_ok=True)
-    repaired: dict[str, list] = collections.defaultdict(list)
-
-    def keep(row, result):
-        if row["caught"] and row["repaired"]:
-            repaired[row["kind"]].append((row, result))
-
-    gen = job.make_generator(setup, config, ec.seed)
-    bench = [p for p in shapes_bench.config_prompts(ec) if p.tag != shapes_bench.HARD]
-    t0 = time.time()
-    res = run(gen, bench, kinds, plan.at, ec.batch_size, ec.seed, on_result=keep)
-    strips = []
-    for n in range(int(ec.filmstrips)):
-        for kind in kinds:
-            if len(strips) < int(ec.filmstrips) and n < len(repaired[kind]):
-                row, r = repaired[kind][n]
-                name = f"{len(strips):02d}_{kind.replace(':', '_')}.png"
-                report.filmstrip(r.prompt, r.text, r.images, os.path.join(out_dir, name),
-                                 title=f"{kind} put in at iteration {plan.at}: caught, repaired")
-                strips.append(name)
-    payload = {"commit": provenance.git_commit(), "device": provenance.device_info(),
-               "config_name": config_name, "checkpoint_step": step,
-               "prompts": len(bench), "seconds": time.time() - t0, "filmstrips": strips,
-               "sides": side_summary(res), **res}
-    with open(os.path.join(out_dir, "injection.json"), "w") as f:
-        json.dump(payload, f, indent=1)
-    return payload
-
-
 def table(payload: dict) -> str:
     """Per kind: injected, caught, repaired, final accuracy [95%], baseline, extra NFE."""
     pct = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731

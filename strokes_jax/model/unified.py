@@ -192,3 +192,16 @@ class UnifiedModel(nn.Module):
                 self._canvas(types, patch_pos, segment_ids, latents, cache, canvas))
         is_gen = (types == NOISY) | (types == CLEAN)
         return jnp.where(is_gen[..., None], lat, text), is_gen, temb if d.time_adaln else None
+
+
+def dummy_inputs(batch: int, length: int, patch_dim: int, vision=None):
+    """Init inputs; with a VisionConfig also ViT inputs, since the vision tower's params are
+    only created when the model is called with them."""
+    z = jnp.zeros((batch, length), jnp.int32)
+    out = dict(tokens=z, types=z, positions=z, segment_ids=jnp.ones_like(z), blocks=z,
+               patch_pos=z, latents=jnp.zeros((batch, length, patch_dim), jnp.float32),
+               timesteps=jnp.zeros((batch, length), jnp.float32))
+    if vision is not None:
+        out.update(vit_patches=jnp.zeros((batch, length, vision.patch_dim), jnp.float32),
+                   vit_pos=z)
+    return out

@@ -13,7 +13,7 @@ import optax
 from flax import struct
 import flax.linen as nn
 
-from strokes_jax.model.unified import UnifiedModel
+from strokes_jax.model.unified import UnifiedModel, dummy_inputs  # noqa: F401  (re-exported: callers build init inputs here)
 from strokes_jax.train import sharding as shd
 
 
@@ -81,19 +81,6 @@ def make_optimizer(cfg, train_steps: int, freeze: Sequence[str] = ()) -> optax.G
         return tx
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
                                  lambda params: freeze_labels(params, tuple(freeze)))
-
-
-def dummy_inputs(batch: int, length: int, patch_dim: int, vision=None):
-    """Init inputs; with a VisionConfig also ViT inputs, since the vision tower's params are
-    only created when the model is called with them."""
-    z = jnp.zeros((batch, length), jnp.int32)
-    out = dict(tokens=z, types=z, positions=z, segment_ids=jnp.ones_like(z), blocks=z,
-               patch_pos=z, latents=jnp.zeros((batch, length, patch_dim), jnp.float32),
-               timesteps=jnp.zeros((batch, length), jnp.float32))
-    if vision is not None:
-        out.update(vit_patches=jnp.zeros((batch, length, vision.patch_dim), jnp.float32),
-                   vit_pos=z)
-    return out
 
 
 def _unbox_masked(opt_state):
