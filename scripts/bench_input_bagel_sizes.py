@@ -54,16 +54,19 @@ def fixtures(workdir: str, n: int, seed: int = 0) -> dict:
 
     os.makedirs(workdir, exist_ok=True)
     paths = {k: os.path.join(workdir, v) for k, v in
-             (("parquet", "t2i.parquet"), ("tokenizer", "tokenizer.json"), ("ae", "ae"))}
-    if not os.path.exists(paths["parquet"]):
-        rng = np.random.default_rng(seed)
+             (("parquet", "t2i.parquet"), ("eval", "t2i_eval.parquet"),
+              ("tokenizer", "tokenizer.json"), ("ae", "ae"))}
+    rng = np.random.default_rng(seed)
+    for key, rows in (("parquet", n), ("eval", 4)):  # the eval split: training asks for one
+        if os.path.exists(paths[key]):
+            continue
         images, captions = [], []
-        for i in range(n):
+        for i in range(rows):
             short, ratio = int(rng.integers(512, 1537)), float(rng.choice([1.0, 4 / 3, 3 / 2, 16 / 9, 2.0]))
             w, h = (int(short * ratio), short) if rng.random() < 0.5 else (short, int(short * ratio))
             images.append(_photo(rng, w, h))
             captions.append(f"a photograph, {w} by {h} pixels, of coloured fields and shapes, number {i}")
-        pq.write_table(pa.table({"image": images, "caption": captions}), paths["parquet"])
+        pq.write_table(pa.table({"image": images, "caption": captions}), paths[key])
     if not os.path.exists(paths["tokenizer"]):
         qwen.shapes_bpe().save(paths["tokenizer"])
     if not os.path.exists(os.path.join(paths["ae"], autoencoder.CONFIG_JSON)):
@@ -84,6 +87,7 @@ def main(argv=None) -> int:
            f"--workdir={args.workdir}", "--bound_config", "bagel7b_process", "--input_steps=0",
            f"--input_batches={args.batches}",
            "--config.data.source=parquet", f"--config.data.parquet.path={paths['parquet']}",
+           f"--config.data.parquet.eval_path={paths['eval']}",
            f"--config.world.tokenizer={paths['tokenizer']}", f"--config.world.ae_path={paths['ae']}",
            "--config.world.image_size=1024", "--config.world.min_image_size=512",
            "--config.world.vit_max_image_size=980", "--config.world.vit_min_image_size=378",
