@@ -205,3 +205,31 @@ def test_parts_side_by_side_fill_what_they_hold_and_leave_the_rest(converted, tm
     c.train.init_converted = short
     with pytest.raises(init_weights.WeightsMismatch, match=r"missing \d+: llm2vae/bias"):
         loop._init_from(loop.setup(c, devices=jax.devices()[:1]), c)
+
+
+def test_converted_weights_paint_without_training_and_in_int8(converted, tmp_path):
+    """A workdir with no checkpoint evaluates train.init_converted's weights as they are;
+    eval.int8 generates from the same weights with int8 expert kernels."""
+    from strokes_jax.evaluate import job
+    out, params, _ = converted
+    c = distributed_driver.config(**distributed_driver.BAGEL_SHAPED,
+                                  **{"train.init_converted": out, "mesh.shape": (1, 1, 1)})
+    c.eval.update(max_iterations=1, max_text_tokens=8)
+    c.flow.sample_steps = 2
+    s, rec = loop.restore_for_eval(c, str(tmp_path / "empty"))
+    assert rec["end_step"] == 0 and rec["init_converted"] == out
+    np.testing.assert_array_equal(np.asarray(s.state.params["embed"]), params["embed"])
+    prompts = ["a photo of a red circle", "a photo of two blue squares"]
+    rng = lambda: np.random.default_rng(0)  # noqa: E731
+    full = job.make_generator(s, c)(prompts, "process", rng=rng())
+    c.eval.int8 = True
+    gen = job.make_generator(s, c)
+    from strokes_jax.model import quantize
+    q_leaves = quantize.quantized_leaves(gen._params)
+    # q/k/v/o and gate/up/down of both experts: one stacked leaf each, or one per layer.
+    assert len(q_leaves) in (14, 14 * c.model.depth), sorted(q_leaves)
+    assert all(str(x.qvalue.dtype) == "int8" for x in q_leaves.values())
+    q = gen(prompts, "process", rng=rng())
+    # Random weights: what matters is that the int8 model runs the same loop on the same
+    # weights (closeness is tests/test_quantize.py's); both start with the prompt.
+    assert len(q) == len(full) == 2 and all(r.text.startswith("<|im_start|>") for r in q)

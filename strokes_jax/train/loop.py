@@ -377,13 +377,19 @@ def update_record(workdir: str, summary: dict, **extra) -> dict:
 def restore_for_eval(config, workdir: str, allow_config_change: bool = False
                      ) -> tuple[Setup, dict]:
     """Setup with the newest checkpoint's state (the input state is not needed). A workdir
-    whose run had another world or model config is refused, naming the keys."""
+    whose run had another world or model config is refused, naming the keys. A workdir
+    with no checkpoint evaluates the converted weights train.init_converted names, as they
+    are (a converted BAGEL paints without a training step)."""
     if not allow_config_change:
         run_info.check(workdir, config, for_eval=True)
     s = setup(config)
     mgr = ckpt.manager(workdir, keep=config.train.keep_checkpoints,
                        save_every=config.train.checkpoint_every)
     restored = ckpt.restore_latest(mgr, s.state, s.shardings)
+    if restored is None and config.train.init_converted:
+        _init_from(s, config)
+        return s, {"params": st.param_count(s.state.params), "start_step": 0, "end_step": 0,
+                   "init_converted": config.train.init_converted}
     if restored is None:
         raise FileNotFoundError(f"no checkpoint under {os.path.join(workdir, 'checkpoints')}")
     step, s.state = restored
