@@ -43,8 +43,9 @@ def test_quickstart_runs_and_shows_filmstrips(tmp_path):
 
 def test_geneval_notebook_runs_the_chain(tmp_path):
     w = str(tmp_path / "w")
+    # INT8: the notebook's memory plan for BAGEL on one v5e, here on the tiny model.
     nb = _execute("geneval.ipynb", dict(CONFIG="shapes_tiny:test", WORKDIR=w, INSTALL=False,
-                                        PER_TAG=1, N=2), str(tmp_path))
+                                        PER_TAG=1, N=2, INT8=True), str(tmp_path))
     out = os.path.join(w, "geneval", "process")
     rows = [json.loads(line) for line in open(os.path.join(out, "results.jsonl"))]
     assert len(rows) == 6 * 2  # six GenEval tags, one prompt each, two images
@@ -52,3 +53,4 @@ def test_geneval_notebook_runs_the_chain(tmp_path):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code"
                    for o in c.get("outputs", []))
     assert "Overall score" in text
+    assert "--config.eval.int8=True" in text  # the painting command ran with int8 experts
