@@ -80,6 +80,12 @@ def test_writes_every_sample_and_reruns_identically(etok, tmp_path):
     generate.run(gen, prompts, str(tmp_path / "b"), modes=("process", "single_pass"), n=2,
                  batch_size=2)
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    # A gs:// output folder (etils.epath, served from a local folder here) gets the same files.
+    from test_report import _bucket
+    with _bucket(tmp_path):
+        generate.run(gen, prompts, "gs://bucket/gen", modes=("process", "single_pass"), n=2,
+                     batch_size=2)
+    assert _digest(tmp_path / "bucket" / "gen") == _digest(tmp_path / "a")
     assert "process: 6 samples" in generate.summary(rows)
 
 

@@ -23,6 +23,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image
 from tqdm import tqdm
 
@@ -72,22 +73,24 @@ def check_prompts(etok, prompts: Sequence[str], where: Sequence[str]) -> None:
 
 
 def _save_png(img: np.ndarray, path: str) -> None:
-    tmp = path + ".tmp.png"
-    Image.fromarray(np.asarray(img, np.uint8)).save(tmp)
-    os.replace(tmp, path)
+    """Written under a temporary name, then renamed: a killed run leaves no half image.
+    Through etils.epath, so a gs:// output folder works too."""
+    tmp = epath.Path(path + ".tmp.png")
+    with tmp.open("wb") as f:
+        Image.fromarray(np.asarray(img, np.uint8)).save(f, format="PNG")
+    tmp.replace(path)
 
 
 def _write_sample(out_dir: str, idx: int, k: int, result) -> dict:
     folder = os.path.join(out_dir, f"{idx:05d}")
     stem = f"{'single' if result.mode == 'single_pass' else 'process'}_{k}"
     frames = os.path.join(folder, stem + "_images")
-    os.makedirs(frames, exist_ok=True)
+    epath.Path(frames).mkdir(parents=True, exist_ok=True)
     for j, img in enumerate(result.images):
         _save_png(img, os.path.join(frames, f"{j}.png"))
     if result.final_image is not None:
         _save_png(result.final_image, os.path.join(folder, stem + ".png"))
-    with open(os.path.join(folder, stem + ".txt"), "w", encoding="utf-8") as f:
-        f.write(result.text + "\n")
+    epath.Path(folder, stem + ".txt").write_text(result.text + "\n", encoding="utf-8")
     report.filmstrip(result.prompt, result.text, result.images,
                      os.path.join(folder, stem + "_filmstrip.png"), title=f"{stem} ({result.nfe} NFE)")
     return {"prompt_index": idx, "prompt": result.prompt, "mode": result.mode, "sample": k,
@@ -100,12 +103,10 @@ def run(generator, prompts: Sequence[str], out_dir: str, *, modes: Sequence[str]
         batch_size: int, seed: int = 0) -> list[dict]:
     """Generates `n` samples of every prompt in every mode into `out_dir`; returns the rows
     written to samples.jsonl."""
-    os.makedirs(out_dir, exist_ok=True)
     for i, p in enumerate(prompts):
-        folder = os.path.join(out_dir, f"{i:05d}")
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, "prompt.txt"), "w", encoding="utf-8") as f:
-            f.write(p + "\n")
+        folder = epath.Path(out_dir, f"{i:05d}")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "prompt.txt").write_text(p + "\n", encoding="utf-8")
     batches = [list(range(s, min(s + batch_size, len(prompts))))
                for s in range(0, len(prompts), batch_size)]
     rows = []
@@ -117,11 +118,9 @@ def run(generator, prompts: Sequence[str], out_dir: str, *, modes: Sequence[str]
                     results = generator([prompts[i] for i in idx], mode, rng=rng)
                     rows += [_write_sample(out_dir, i, k, r) for i, r in zip(idx, results)]
                     bar.update(len(idx))
-    tmp = os.path.join(out_dir, "samples.jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, os.path.join(out_dir, "samples.jsonl"))
+    tmp = epath.Path(out_dir, "samples.jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(os.path.join(out_dir, "samples.jsonl"))
     return rows
 
 

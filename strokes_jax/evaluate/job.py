@@ -11,7 +11,7 @@ import time
 from clu import metric_writers
 
 from strokes_jax.episodes import self_critique as sc
-from strokes_jax import provenance
+from strokes_jax import files, provenance
 from strokes_jax.evaluate import injection, inspection, inspection_probe, report, shapes_bench
 from strokes_jax.inference.generator import Generator, SamplingOptions
 
@@ -177,7 +177,7 @@ def inject(setup, config, workdir: str, config_name: str, step: int) -> dict:
     plan = injection.Plan.from_config(ec)
     kinds = plan.kinds or injection.KINDS
     out_dir = os.path.join(workdir, "injection")
-    os.makedirs(out_dir, exist_ok=True)
+    files.makedirs(out_dir)  # etils.epath: a gs:// workdir works too
     repaired: dict[str, list] = {k: [] for k in kinds}
 
     def keep(row, result):
@@ -201,6 +201,5 @@ def inject(setup, config, workdir: str, config_name: str, step: int) -> dict:
                "config_name": config_name, "checkpoint_step": step,
                "prompts": len(bench), "seconds": time.time() - t0, "filmstrips": strips,
                "sides": injection.side_summary(res), **res}
-    with open(os.path.join(out_dir, "injection.json"), "w") as f:
-        json.dump(payload, f, indent=1)
+    files.write_json(os.path.join(out_dir, "injection.json"), payload)
     return payload

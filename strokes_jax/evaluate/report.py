@@ -11,6 +11,7 @@ import textwrap
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw, ImageFont
 
 from strokes_jax.evaluate import injection, inspection, inspection_probe, intervals
@@ -75,8 +76,9 @@ def filmstrip(prompt: str, text: str, images: Sequence[np.ndarray], path: str | 
             top = 38
         for j, line in enumerate(lines[i]):
             draw.text((x, top + line_h * j), line, fill="black", font=font)
-    if path:  # None: the array only (TensorBoard during training)
-        canvas.save(path)
+    if path:  # None: the array only (TensorBoard during training); gs:// works too
+        with epath.Path(path).open("wb") as f:
+            canvas.save(f, format="PNG")
     return np.asarray(canvas)
 
 
@@ -134,14 +136,13 @@ def write(workdir: str, payload: dict, strips: Sequence[tuple[str, str, str, Seq
     """payload: JSON-able results; strips: (name, prompt, text, images). Returns the report
     path and the rendered filmstrips by name."""
     out = os.path.join(workdir, "report")
-    os.makedirs(os.path.join(out, "filmstrips"), exist_ok=True)
+    epath.Path(out, "filmstrips").mkdir(parents=True, exist_ok=True)
     names, rendered = [], {}
     for name, prompt, text, images in strips:
         fname = os.path.join("filmstrips", f"{name}.png")
         rendered[name] = filmstrip(prompt, text, images, os.path.join(out, fname), title=name)
         names.append(fname)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(payload, f, indent=1, default=str)
+    epath.Path(out, "results.json").write_text(json.dumps(payload, indent=1, default=str))
     tr = payload.get("train", {})
     losses = tr.get("losses", [])
     data = payload.get("config", {}).get("data", {})
@@ -173,10 +174,8 @@ def write(workdir: str, payload: dict, strips: Sequence[tuple[str, str, str, Seq
           "", "## Filmstrips", ""]
     md += [f"![{n}]({n})" for n in names]
     path = os.path.join(out, "report.md")
-    with open(path, "w") as f:
-        f.write("\n".join(md) + "\n")
-    with open(os.path.join(out, "report.html"), "w") as f:
-        f.write(to_html(md))
+    epath.Path(path).write_text("\n".join(md) + "\n")
+    epath.Path(out, "report.html").write_text(to_html(md))
     return path, rendered
 
 
