@@ -75,7 +75,7 @@ class Episode:
         yield PROMPT, "text", self.prompt
         for s in self.steps:
             if s.ins is not None:
-                yield PLAN, "text", f"<ins> {s.ins} </ins> <des> {s.des} </des>"
+                yield PLAN, "text", plan_text(s.ins, s.des)
             yield SKETCH, "image" if s.sketch_target else "context_image", s.sketch
             if s.inspect is not None:
                 text = f"<inspect> {s.inspect} </inspect>"
@@ -223,6 +223,11 @@ def _split_images(blob: np.ndarray, shapes: list[tuple[int, ...]], count: int,
 
 
 _TAG_RE = re.compile(r"<\|?/?[a-z_]+\|?>")
+
+
+def plan_text(ins: str, des: str) -> str:
+    """A plan segment's text, as the sequence holds it between its markers."""
+    return f"<ins> {ins} </ins> <des> {des} </des>"
 
 
 _LATENTS_MAGIC = b"SJLAT1\n"

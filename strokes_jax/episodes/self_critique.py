@@ -21,7 +21,7 @@ import itertools
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from strokes_jax.episodes import episode as ep
-from strokes_jax.episodes import mixer, trajectories as tr
+from strokes_jax.episodes import critique, mixer, trajectories as tr
 from strokes_jax.worlds import checker, grammar, prompts, shapes
 from strokes_jax.worlds.grammar import Command
 from strokes_jax.worlds.shapes import Obj
@@ -113,7 +113,6 @@ def critiques(generated: Iterable[tuple[Generated, prompts.Prompt]], id_prefix: 
 
 def side(e: ep.Episode) -> str:
     """'positive', or the side of a negative episode's critique: 'plan' or 'image'."""
-    from strokes_jax.episodes import critique
     kinds = [critique.critique_kind(s) for s in e.steps if s.refine is not None]
     if not kinds:
         return "positive"
@@ -134,8 +133,8 @@ def balance(episodes: Sequence[ep.Episode], max_positive_fraction: float
     if max_positive_fraction < 1.0:
         keep_pos = min(keep_pos, int(max_positive_fraction * negatives
                                      / (1.0 - max_positive_fraction)))
-    kept = set(id(e) for e in by["positive"][:keep_pos])
-    out = [e for e in episodes if side(e) != "positive" or id(e) in kept]
+    dropped = {id(e) for e in by["positive"][keep_pos:]}
+    out = [e for e in episodes if id(e) not in dropped]
     made_up = {"positive": keep_pos, "negative_plan": len(by["plan"]),
                "negative_image": len(by["image"]), "positives_dropped": len(by["positive"]) - keep_pos}
     return out, made_up

@@ -32,18 +32,18 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import re
 from typing import Sequence
 
 import numpy as np
 
 from strokes_jax.episodes import critique
+from strokes_jax.episodes.episode import plan_text
 from strokes_jax.evaluate import intervals, shapes_bench
+from strokes_jax.inference.generator import PLAN_RE
 from strokes_jax.worlds import checker, grammar, pictures, prompts, shapes
 from strokes_jax.worlds.shapes import Obj
 
 KINDS = critique.KINDS
-_PLAN_RE = re.compile(r"<ins>(.*?)</ins>\s*<des>(.*?)</des>", re.S)
 
 
 class InjectionError(ValueError):
@@ -91,8 +91,7 @@ def wrong_plan(kind: str, prompt: prompts.Prompt, before: tuple, x: Obj,
     if not options:
         return None
     w = options[int(rng.integers(len(options)))]
-    return (f"<ins> {grammar.Command('add', w).text()} </ins> "
-            f"<des> {grammar.describe(before + (w,))} </des>")
+    return plan_text(grammar.Command("add", w).text(), grammar.describe(before + (w,)))
 
 
 class Injector:
@@ -122,7 +121,7 @@ class Injector:
     def sketch(self, i: int, k: int, plan: str, img: np.ndarray) -> np.ndarray | None:
         if k != self.at or self.kind not in critique.IMAGE_KINDS:
             return None
-        m = _PLAN_RE.fullmatch(plan.strip())
+        m = PLAN_RE.fullmatch(plan.strip())
         got = m and read_plan(m.group(1).strip(), m.group(2).strip())
         if not got:
             return None
@@ -264,10 +263,7 @@ class Plan:
 
     @classmethod
     def from_config(cls, ec) -> "Plan":
-        kinds = ec.get("inject_kinds", ())
-        if isinstance(kinds, str):
-            kinds = tuple(k for k in kinds.split(",") if k)
-        return cls(check_kinds(tuple(kinds)), int(ec.get("inject_at", 0)))
+        return cls(check_kinds(tuple(ec.get("inject_kinds", ()))), int(ec.get("inject_at", 0)))
 
 
 def table(payload: dict) -> str:

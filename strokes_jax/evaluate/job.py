@@ -71,13 +71,14 @@ def self_critique(setup, config, workdir: str) -> dict:
     # Each rollout of a prompt draws its own noise (the generator's stream moves on).
     episodes, counts = sc.sample_and_critique(gen, prompts * rollouts, config.eval.batch_size,
                                               f"self{c.seed}", options=options)
-    episodes, made_up = sc.balance(episodes, float(c.get("max_positive_fraction", 1.0)))
+    max_positive = float(c.get("max_positive_fraction", 1.0))
+    episodes, made_up = sc.balance(episodes, max_positive)
     path = os.path.join(out_dir, "episodes.array_record")
     sc.write_array_record(episodes, path)
     stats = {"path": path, "episodes": len(episodes), "outcomes": counts, "split": made_up,
              "prompts": len(prompts), "rollouts": rollouts,
              "text_temperature": options.text_temperature,
-             "max_positive_fraction": float(c.get("max_positive_fraction", 1.0)),
+             "max_positive_fraction": max_positive,
              "seconds": time.time() - t0}
     with open(os.path.join(out_dir, "stats.json"), "w") as f:
         json.dump(stats, f, indent=1)
@@ -91,12 +92,12 @@ def _summarize(samples, bench) -> dict:
     return out
 
 
-def filmstrip_picks(samples, n: int) -> list:
-    """n samples taken from each category in turn (the first of each, then the second...),
-    so the filmstrips cover every category that has samples."""
+def filmstrip_picks(samples, n: int, key=lambda s: s.tag) -> list:
+    """n samples taken from each category (`key`) in turn (the first of each, then the
+    second...), so the filmstrips cover every category that has samples."""
     by_tag: dict[str, list] = {}
     for s in samples:
-        by_tag.setdefault(s.tag, []).append(s)
+        by_tag.setdefault(key(s), []).append(s)
     queues = list(by_tag.values())
     out = []
     for k in range(max((len(q) for q in queues), default=0)):
@@ -178,25 +179,22 @@ def inject(setup, config, workdir: str, config_name: str, step: int) -> dict:
     kinds = plan.kinds or injection.KINDS
     out_dir = os.path.join(workdir, "injection")
     files.makedirs(out_dir)  # etils.epath: a gs:// workdir works too
-    repaired: dict[str, list] = {k: [] for k in kinds}
+    repaired = []
 
     def keep(row, result):
         if row["caught"] and row["repaired"]:
-            repaired[row["kind"]].append((row, result))
+            repaired.append((row, result))
 
     gen = make_generator(setup, config, ec.seed)
     bench = [p for p in shapes_bench.config_prompts(ec) if p.tag != shapes_bench.HARD]
     t0 = time.time()
     res = injection.run(gen, bench, kinds, plan.at, ec.batch_size, ec.seed, on_result=keep)
     strips = []
-    for n in range(int(ec.filmstrips)):
-        for kind in kinds:
-            if len(strips) < int(ec.filmstrips) and n < len(repaired[kind]):
-                row, r = repaired[kind][n]
-                name = f"{len(strips):02d}_{kind.replace(':', '_')}.png"
-                report.filmstrip(r.prompt, r.text, r.images, os.path.join(out_dir, name),
-                                 title=f"{kind} put in at iteration {plan.at}: caught, repaired")
-                strips.append(name)
+    for row, r in filmstrip_picks(repaired, int(ec.filmstrips), key=lambda x: x[0]["kind"]):
+        name = f"{len(strips):02d}_{row['kind'].replace(':', '_')}.png"
+        report.filmstrip(r.prompt, r.text, r.images, os.path.join(out_dir, name),
+                         title=f"{row['kind']} put in at iteration {plan.at}: caught, repaired")
+        strips.append(name)
     payload = {"commit": provenance.git_commit(), "device": provenance.device_info(),
                "config_name": config_name, "checkpoint_step": step,
                "prompts": len(bench), "seconds": time.time() - t0, "filmstrips": strips,

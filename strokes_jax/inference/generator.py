@@ -425,6 +425,7 @@ class _Call:
 
 
 _SEG_RE = re.compile(r"<\|im_start\|>(.*?)<\|im_end\|>", re.S)
+PLAN_RE = re.compile(r"<ins>(.*?)</ins>\s*<des>(.*?)</des>", re.S)  # ep.plan_text, read back
 
 
 def parse_stream(prompt: str, parts, mode: str, image_shape) -> ep.Episode:
@@ -444,7 +445,7 @@ def parse_stream(prompt: str, parts, mode: str, image_shape) -> ep.Episode:
     while i < len(items):
         m, c = items[i]
         if m == "text":
-            plan = re.fullmatch(r"<ins>(.*?)</ins>\s*<des>(.*?)</des>", c, re.S)
+            plan = PLAN_RE.fullmatch(c)
             if not plan:
                 raise ep.EpisodeError(f"{where}: expected a plan, got {c!r}")
             if i + 1 >= len(items) or items[i + 1][0] != "image":

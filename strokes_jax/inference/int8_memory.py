@@ -39,13 +39,12 @@ import flax.linen as nn
 
 from strokes_jax.model import cache as kvc
 from strokes_jax.model import quantize as qz
-from strokes_jax.model.unified import ModelConfig, UnifiedModel
+from strokes_jax.model.unified import ModelConfig, UnifiedModel, dummy_inputs
 
 FIELDS = ("arguments", "outputs", "alias", "temp", "code")
 
 
 def _abstract_params(model: UnifiedModel, dtype=jnp.bfloat16):
-    from strokes_jax.model.unified import dummy_inputs
     mc = model.cfg
     inputs = dummy_inputs(1, 8, mc.patch_dim, mc.vision)
     p = nn.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **inputs))["params"])

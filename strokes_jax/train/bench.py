@@ -81,18 +81,6 @@ def _conventions(mc, local: dict, global_batch: int, L: int) -> dict:
                           noisy_tokens=int((local["types"] == NOISY).sum() * scale))
 
 
-def _xla_flops(compiled) -> float | None:
-    """XLA's FLOP count of the compiled per-device program (None where the backend has none)."""
-    try:
-        ca = compiled.fn.cost_analysis()
-    except Exception:  # noqa: BLE001  (an analysis some backends do not offer)
-        return None
-    if isinstance(ca, (list, tuple)):
-        ca = ca[0] if ca else {}
-    flops = (ca or {}).get("flops")
-    return float(flops) if flops else None
-
-
 def peak_memory() -> dict:
     stats = jax.local_devices()[0].memory_stats() or {}
     out = {"host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
@@ -140,7 +128,7 @@ def run(config, config_name: str, workdir: str) -> dict:
     peak = fl.peak_tflops(dev["device_kind"])
     model_tflops = f.model / step_s / n_dev / 1e12
     conv = _conventions(mc, local, config.data.batch_size, L)
-    xla = _xla_flops(compiled)
+    xla = fl.xla_flops(compiled.fn)
     out = {
         "config": config_name, "commit": provenance.git_commit(), "device": dev,
         "mesh": dict(mesh.shape), "dtype": mc.decoder.dtype, "remat": mc.decoder.remat,

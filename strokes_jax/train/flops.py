@@ -84,6 +84,19 @@ def train_step_flops(cfg: ModelConfig, batch: int, seq_len: int, vit_tokens: int
     return StepFlops(3.0 * f.model, 3.0 * f.executed)
 
 
+def xla_flops(compiled) -> float | None:
+    """XLA's FLOP count of a compiled (jax `Compiled`) per-device program; None where the
+    backend offers no cost analysis. A scanned loop's body is counted once."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001  (an analysis some backends do not offer)
+        return None
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    flops = (ca or {}).get("flops")
+    return float(flops) if flops else None
+
+
 def conventions(cfg: ModelConfig, batch: int, seq_len: int, *, visible_pairs: int,
                 text_targets: int, noisy_tokens: int, vit_tokens: int = 0) -> dict[str, float]:
     """Training-step model FLOPs in three conventions, so a reader can compare with any peer:

@@ -12,11 +12,12 @@ shows up as a model that trains or paints badly.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
+from flax import traverse_util
 
+from strokes_jax import files
 from strokes_jax.train import state as st
 
 # conversion.json "model" keys whose values change the function the weights compute.
@@ -102,11 +103,7 @@ def converted_paths(value) -> list[str]:
 
 
 def _conversion(d: str) -> dict:
-    conv = os.path.join(os.path.dirname(d), "conversion.json")
-    if not os.path.isfile(conv):
-        return {}
-    with open(conv) as f:
-        return json.load(f)
+    return files.read_json(os.path.join(os.path.dirname(d), "conversion.json")) or {}
 
 
 def holding(paths, part: str) -> str | None:
@@ -118,17 +115,6 @@ def holding(paths, part: str) -> str | None:
         if part in (meta.tree if hasattr(meta, "tree") else meta):
             return path
     return None
-
-
-def _unflat(flat: dict) -> dict:
-    out: dict = {}
-    for k, v in flat.items():
-        node = out
-        *parents, leaf = k.split("/")
-        for q in parents:
-            node = node.setdefault(q, {})
-        node[leaf] = v
-    return out
 
 
 def restore(path, params, shardings, model_cfg: dict, key: str = "train.init_converted"):
@@ -166,18 +152,18 @@ def restore(path, params, shardings, model_cfg: dict, key: str = "train.init_con
     missing = set(wanted) - set(owner)
     if whole and missing:
         compare(owner, wanted, ", ".join(d for d, _, _ in reads))
-    flat_params = {st.param_path(q): x for q, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    flat_params = {st.param_path(q): x for q, x in leaves}
     flat_shard = {st.param_path(q): x for q, x in jax.tree_util.tree_flatten_with_path(shardings)[0]}
     out = dict(flat_params)
     for d, wrapped, names in reads:
-        target = _unflat({k: jax.ShapeDtypeStruct(flat_params[k].shape, flat_params[k].dtype,
-                                                  sharding=flat_shard[k]) for k in names})
+        target = traverse_util.unflatten_dict(
+            {k: jax.ShapeDtypeStruct(flat_params[k].shape, flat_params[k].dtype,
+                                     sharding=flat_shard[k]) for k in names}, sep="/")
         item = {"model": target} if wrapped else target
         got = ocp.PyTreeCheckpointer().restore(d, args=ocp.args.PyTreeRestore(
             item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
             partial_restore=True))
         got = got["model"] if wrapped else got
         out.update({st.param_path(q): x for q, x in jax.tree_util.tree_flatten_with_path(got)[0]})
-    treedef = jax.tree_util.tree_structure(params)
-    order = [st.param_path(q) for q, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-    return jax.tree_util.tree_unflatten(treedef, [out[k] for k in order]), sorted(missing)
+    return jax.tree_util.tree_unflatten(treedef, [out[k] for k in flat_params]), sorted(missing)

@@ -29,6 +29,7 @@ import numpy as np
 import flax.linen as nn
 
 from strokes_jax.model.unified import ModelConfig, UnifiedModel
+from strokes_jax.train import flops as fl
 from strokes_jax.train import sharding as shd
 from strokes_jax.train import state as st
 
@@ -193,7 +194,7 @@ def compiled(config, mc: ModelConfig, devices=None) -> dict:
     return {"arguments": float(m.argument_size_in_bytes), "outputs": float(m.output_size_in_bytes),
             "temp": float(m.temp_size_in_bytes), "alias": float(m.alias_size_in_bytes),
             "peak": float(m.argument_size_in_bytes + m.temp_size_in_bytes),
-            "xla_flops": bench._xla_flops(exe)}
+            "xla_flops": fl.xla_flops(exe.fn)}
 
 
 def model_config_of(config) -> ModelConfig:
@@ -244,7 +245,6 @@ def report(config, devices: int, device: str | None = None, with_compile: bool =
                      f"row: arguments {m['arguments'] / GB:.2f}G + temp {m['temp'] / GB:.2f}G = "
                      f"{m['peak'] / GB:.2f}G (the plan: {plans[0].total / GB:.2f}G)")
         if m["xla_flops"]:
-            from strokes_jax.train import flops as fl
             model = fl.train_step_flops(mc, config.data.batch_size, config.data.seq_len).model
             lines.append(f"XLA's FLOPs of the compiled step, per device: {m['xla_flops'] / 1e12:.2f}T, "
                          f"{m['xla_flops'] * devices / model:.2f}x the analytic model FLOPs"
