@@ -13,8 +13,8 @@ Variants (combine with commas):
   repair the measurement of repair (with `long`): the hard category in training up to 4
          objects and in the evaluation up to 6 (30 prompts), mistakes of every kind injected
          at the second iteration of every benchmark prompt, and a self-critique split from
-         sampled text, two rollouts per prompt, at most half positives. Slower than
-         `long` alone: on 2 idle CPU cores the full-method row's phase 1 (1400 steps) took
+         sampled text, two rollouts per prompt, at most half positives. On 2 idle
+         CPU cores the full-method row's phase 1 (1400 steps) took
          39 min and its self-critique sampling over half an hour more, so the ladder needs
          several hours there; run it on an accelerator or one row at a time.
 With no variant: 1000 steps per row and a 2000-step (2x) single-pass run.
